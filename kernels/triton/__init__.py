@@ -1,0 +1,1 @@
+"""Triton backend (being written)."""
