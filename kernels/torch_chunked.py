@@ -41,12 +41,14 @@ def logprobs_forward(hidden, weight, labels):
         for v0 in range(0, v, VOCAB_CHUNK):
             v1 = min(v, v0 + VOCAB_CHUNK)
             z = _tile_logits(h, weight, v0, v1)
-            new_max = torch.maximum(run_max, z.max(dim=1).values)
-            run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(z - new_max[:, None]).sum(1)
-            run_max = new_max
             inside = (lab >= v0) & (lab < v1)
             local = (lab - v0).clamp(0, v1 - v0 - 1)
             picked = torch.where(inside, z.gather(1, local[:, None]).squeeze(1), picked)
+            new_max = torch.maximum(run_max, z.max(dim=1).values)
+            # in place: one tile-sized buffer per step keeps the peak at one tile
+            tile_sum = z.sub_(new_max[:, None]).exp_().sum(1)
+            run_sum = run_sum * torch.exp(run_max - new_max) + tile_sum
+            run_max = new_max
             del z
         lse[t0:t1] = run_max + torch.log(run_sum)
         label_logit[t0:t1] = picked
@@ -66,7 +68,7 @@ def logprobs_backward(hidden, weight, labels, lse, grad_logp, need_dh=True, need
             v1 = min(v, v0 + VOCAB_CHUNK)
             w = weight[v0:v1].float()
             # d logp_t / d z_t = onehot(label_t) - softmax(z_t); scaled by the upstream gradient.
-            dz = torch.exp(h @ w.T - lse[t0:t1, None]).mul_(-g[:, None])
+            dz = (h @ w.T).sub_(lse[t0:t1, None]).exp_().mul_(-g[:, None])
             inside = (lab >= v0) & (lab < v1)
             rows = inside.nonzero().squeeze(1)
             dz[rows, lab[rows] - v0] += g[rows]

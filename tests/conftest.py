@@ -1,0 +1,30 @@
+"""Test-session setup shared by every test file.
+
+Without a CUDA device the Triton kernels run under Triton's interpreter, which must be switched on
+before triton is first imported, so it is set here, ahead of any test module.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_TOFU = REPO_ROOT.parent / "shared" / "data" / "tofu"
+
+
+@pytest.fixture
+def tofu_dir():
+    """The shared TOFU folder; tests that need it skip when it is absent."""
+    if not (SHARED_TOFU / "forget01.json").exists():
+        pytest.skip(f"shared TOFU data not found at {SHARED_TOFU}")
+    return SHARED_TOFU
+
+
+def kernel_device() -> str:
+    """Where kernel tests run: CUDA when present (the GPU suite), else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
