@@ -167,8 +167,10 @@ def test_gradient_checkpointing_gives_same_grads(model_dir):
         enable_packed_attention(m, "sdpa")
         m.train()
     # renamed in newer transformers; the GPU image's older one has only the first name
-    enable = getattr(ckpt, "activation_checkpointing_enable", None) or ckpt.gradient_checkpointing_enable
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(ckpt, "activation_checkpointing_enable"):
+        ckpt.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     (_packed(plain, ids, lens) * probe).sum().backward()
     (_packed(ckpt, ids, lens) * probe).sum().backward()
     for p, q in zip(plain.parameters(), ckpt.parameters()):
