@@ -1,0 +1,176 @@
+"""Forward of the fused linear log-prob: per-token ``log_softmax(h W^T)[label]`` and log-sum-exp.
+
+Grid: (token blocks, vocabulary splits). Each program owns ``BLOCK_N`` tokens and one contiguous
+range of the vocabulary. It walks that range in ``BLOCK_V`` tiles; each logits tile is a
+``tl.dot`` over ``BLOCK_H`` slices of the hidden dimension with fp32 accumulation, folded straight
+into a running (max, sum of exp) per token -- the online log-sum-exp -- and the tile is dropped.
+The label's logit is picked up in whichever tile holds it. Per split the program writes only the
+partial (max, sum) of its tokens; a second tiny kernel combines the [splits, N] partials into the
+[N] log-sum-exp and the log-prob. No [N, V] tensor exists at any point.
+
+Splitting the vocabulary is what keeps a GPU busy when there are few tokens: 4096 tokens are only
+32 blocks of 128, against 132 SMs on an H100.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .tile_configs import interpreting, sm_count, tiles_for
+
+
+@triton.jit
+def dot_accumulate(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """``acc + a @ b`` in fp32.
+
+    ``UPCAST_DOT`` is set only under the Triton interpreter, whose ``tl.dot`` multiplies the raw
+    bit patterns of bf16 operands (triton issue 11584); upcasting first gives the right product.
+    The GPU build never sets it, so what the GPU compiles is the plain tensor-core dot.
+    """
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _logprobs_forward_kernel(
+    hidden_ptr, weight_ptr, labels_ptr,
+    part_max_ptr, part_sum_ptr, label_logit_ptr,
+    n_tokens, vocab, hidden_size, vocab_per_split,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_tokens
+    labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+    # 64-bit row offsets: vocab * hidden_size passes 2**31 for large models (256k x 8192).
+    h_rows = hidden_ptr + rows.to(tl.int64)[:, None] * hidden_size
+    v_begin = split * vocab_per_split
+    v_end = tl.minimum(v_begin + vocab_per_split, vocab)
+
+    run_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    run_sum = tl.zeros([BLOCK_N], tl.float32)
+    label_logit = tl.zeros([BLOCK_N], tl.float32)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < v_end
+        w_rows = weight_ptr + cols.to(tl.int64)[:, None] * hidden_size
+        logits = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        for h0 in range(0, hidden_size, BLOCK_H):
+            ks = h0 + tl.arange(0, BLOCK_H)
+            k_ok = ks < hidden_size
+            h = tl.load(h_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            logits = dot_accumulate(h, tl.trans(w), logits, DOT_PRECISION, UPCAST_DOT)
+        logits = tl.where(col_ok[None, :], logits, float("-inf"))
+        # Every tile has at least one real column, so new_max is finite and exp(-inf - m) = 0
+        # handles the first tile without a special case.
+        new_max = tl.maximum(run_max, tl.max(logits, axis=1))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+        run_max = new_max
+        label_logit += tl.sum(tl.where(cols[None, :] == labels[:, None], logits, 0.0), axis=1)
+
+    out = split * n_tokens + rows
+    tl.store(part_max_ptr + out, run_max, mask=row_ok)
+    tl.store(part_sum_ptr + out, run_sum, mask=row_ok)
+    # Exactly one split holds each label, so each token's label logit is written once.
+    owns_label = row_ok & (labels >= v_begin) & (labels < v_end)
+    tl.store(label_logit_ptr + rows, label_logit, mask=owns_label)
+
+
+@triton.jit
+def _lse_combine_kernel(
+    part_max_ptr, part_sum_ptr, label_logit_ptr, logp_ptr, lse_ptr,
+    n_tokens, num_splits,
+    BLOCK: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < n_tokens
+    top = tl.full([BLOCK], float("-inf"), tl.float32)
+    for s in range(num_splits):
+        top = tl.maximum(top, tl.load(part_max_ptr + s * n_tokens + rows, mask=row_ok, other=0.0))
+    total = tl.zeros([BLOCK], tl.float32)
+    for s in range(num_splits):
+        m = tl.load(part_max_ptr + s * n_tokens + rows, mask=row_ok, other=0.0)
+        total += tl.load(part_sum_ptr + s * n_tokens + rows, mask=row_ok, other=1.0) * tl.exp(m - top)
+    lse = top + tl.log(total)
+    label_logit = tl.load(label_logit_ptr + rows, mask=row_ok, other=0.0)
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    tl.store(logp_ptr + rows, label_logit - lse, mask=row_ok)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Tensor-core precision of the dots: fp32 inputs use 3xTF32, close to fp32 accuracy
+    (plain TF32 would leave ~1e-3 relative error in the logits); 16-bit inputs are exact anyway."""
+    return "tf32x3" if dtype == torch.float32 else "ieee"
+
+
+def vocab_split(n_tokens: int, vocab: int, block_n: int, block_v: int, programs: int) -> tuple[int, int]:
+    """(number of splits, vocabulary entries per split) so that about ``programs`` programs run.
+
+    Each split covers a whole number of ``block_v`` tiles; no split is empty.
+    """
+    token_blocks = triton.cdiv(n_tokens, block_n)
+    tiles = triton.cdiv(vocab, block_v)
+    splits = max(1, min(tiles, triton.cdiv(programs, token_blocks)))
+    per_split = triton.cdiv(tiles, splits) * block_v
+    return triton.cdiv(vocab, per_split), per_split
+
+
+def logprobs_forward(hidden, weight, labels, *, vocab_splits: int | None = None):
+    """Per-token log-probs and log-sum-exp of ``hidden @ weight.T`` without the logits.
+
+    Args:
+        hidden: [N, H] fp32/bf16/fp16, contiguous. weight: [V, H], same dtype. labels: [N] int64
+            in [0, V) (ignored rows already removed by the caller).
+        vocab_splits: force this many vocabulary splits (tests); default: enough programs to
+            fill the device.
+
+    Returns ``(logp [N] fp32, lse [N] fp32)``.
+    """
+    hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous().long()
+    n, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    device = hidden.device
+    tiles = tiles_for(device)
+    t = tiles.logprobs("forward", hidden.dtype)
+    if vocab_splits is None:
+        splits, per_split = vocab_split(n, vocab, t.block_n, t.block_v,
+                                        tiles.forward_waves * sm_count(device))
+    else:
+        tiles_v = triton.cdiv(vocab, t.block_v)
+        per_split = triton.cdiv(tiles_v, max(1, min(vocab_splits, tiles_v))) * t.block_v
+        splits = triton.cdiv(vocab, per_split)
+    part_max = torch.empty(splits, n, dtype=torch.float32, device=device)
+    part_sum = torch.empty(splits, n, dtype=torch.float32, device=device)
+    label_logit = torch.empty(n, dtype=torch.float32, device=device)
+    logp = torch.empty(n, dtype=torch.float32, device=device)
+    lse = torch.empty(n, dtype=torch.float32, device=device)
+    with _on_device(device):
+        _logprobs_forward_kernel[(triton.cdiv(n, t.block_n), splits)](
+            hidden, weight, labels, part_max, part_sum, label_logit,
+            n, vocab, hidden_size, per_split,
+            BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_H=t.block_h,
+            DOT_PRECISION=dot_precision(hidden.dtype), UPCAST_DOT=interpreting(),
+            num_warps=t.num_warps, num_stages=t.num_stages,
+        )
+        e = tiles.elementwise
+        _lse_combine_kernel[(triton.cdiv(n, e.block),)](
+            part_max, part_sum, label_logit, logp, lse, n, splits,
+            BLOCK=e.block, num_warps=e.num_warps,
+        )
+    return logp, lse
+
+
+def _on_device(device: torch.device):
+    """Launch on the tensors' GPU even when another one is current (multi-GPU processes)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
