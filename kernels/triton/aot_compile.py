@@ -1,0 +1,305 @@
+"""Ahead-of-time compile of every Triton kernel configuration for sm_80 and sm_90, without a GPU.
+
+Each configuration (kernel x input dtype x gradient flags, with the tile shapes of
+``tile_configs``) goes through the full Triton pipeline to PTX and a cubin for the target
+architecture. The report gives, per configuration: registers per thread and spill bytes
+(``ptxas -v`` on the PTX, with the ptxas that ships in the triton wheel), shared memory per
+block (Triton's launch metadata), the resident blocks per SM those allow, and which tensor-core
+instructions the PTX and SASS use (``wgmma`` / ``HGMMA`` on sm_90, ``mma.sync`` / ``HMMA`` on
+sm_80).
+
+    python -m altpo_kernels.triton.aot_compile            # table for sm_80 and sm_90
+    python -m altpo_kernels.triton.aot_compile --json     # the rows as JSON
+
+``compile_report()`` returns the rows as a list of dicts; ``format_table(rows)`` prints them.
+Under ``TRITON_INTERPRET=1`` the kernels in this process are interpreter objects that cannot be
+compiled, so ``compile_report()`` then runs itself in a child process without that variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from .logprobs_backward import _logprobs_backward_kernel
+from .logprobs_forward import _logprobs_forward_kernel, _lse_combine_kernel
+from .segment_ops import _gather_segments_kernel, _segment_sum_kernel
+from .tile_configs import (
+    MAX_REGISTERS_PER_THREAD,
+    REGISTERS_PER_SM,
+    SHARED_MEMORY_LIMIT,
+    TILES,
+)
+
+ARCHS = {"sm_80": 80, "sm_90": 90}
+DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+# Resident threads per SM on A100 and H100 (2048 both), for the occupancy column.
+THREADS_PER_SM = 2048
+MAX_BLOCKS_PER_SM = 32
+
+
+@dataclass
+class KernelConfig:
+    """One compilable variant: a kernel, its argument types, constexprs and launch options."""
+
+    name: str
+    kernel: object
+    types: dict
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    # Arguments the JIT would mark 16-divisible in production (pointers from the caching
+    # allocator; hidden sizes and vocabulary split lengths that are multiples of 16).
+    divisible: tuple = field(default_factory=tuple)
+    # Register cap per thread handed to ptxas (None: ptxas decides, up to 255).
+    maxnreg: int | None = None
+
+
+def _dot_precision(dtype: str) -> str:
+    return "tf32x3" if dtype == "fp32" else "ieee"
+
+
+def kernel_configs(arch: str) -> list[KernelConfig]:
+    """Every kernel configuration the launchers can pick on ``arch`` ("sm_80" or "sm_90")."""
+    tiles = TILES[arch]
+    out = []
+    e = tiles.elementwise
+    for dt in DTYPES:
+        f = tiles.forward_fp32 if dt == "fp32" else tiles.forward
+        out.append(KernelConfig(
+            name=f"logprobs_forward[{dt}]",
+            kernel=_logprobs_forward_kernel,
+            types=dict(hidden_ptr=f"*{dt}", weight_ptr=f"*{dt}", labels_ptr="*i64",
+                       part_max_ptr="*fp32", part_sum_ptr="*fp32", label_logit_ptr="*fp32",
+                       n_tokens="i32", vocab="i32", hidden_size="i32", vocab_per_split="i32"),
+            constexprs=dict(BLOCK_N=f.block_n, BLOCK_V=f.block_v, BLOCK_H=f.block_h,
+                            DOT_PRECISION=_dot_precision(dt), UPCAST_DOT=False),
+            num_warps=f.num_warps, num_stages=f.num_stages,
+            divisible=("hidden_ptr", "weight_ptr", "labels_ptr", "part_max_ptr", "part_sum_ptr",
+                       "label_logit_ptr", "hidden_size", "vocab_per_split"),
+        ))
+    out.append(KernelConfig(
+        name="lse_combine",
+        kernel=_lse_combine_kernel,
+        types=dict(part_max_ptr="*fp32", part_sum_ptr="*fp32", label_logit_ptr="*fp32",
+                   logp_ptr="*fp32", lse_ptr="*fp32", n_tokens="i32", num_splits="i32"),
+        constexprs=dict(BLOCK=e.block),
+        num_warps=e.num_warps, num_stages=1,
+        divisible=("part_max_ptr", "part_sum_ptr", "label_logit_ptr", "logp_ptr", "lse_ptr"),
+    ))
+    for dt in DTYPES:
+        b = tiles.backward_fp32 if dt == "fp32" else tiles.backward
+        for need_dh, need_dw, tag in ((True, True, "dH+dW"), (True, False, "dH"), (False, True, "dW")):
+            out.append(KernelConfig(
+                name=f"logprobs_backward[{dt},{tag}]",
+                kernel=_logprobs_backward_kernel,
+                types=dict(hidden_ptr=f"*{dt}", weight_ptr=f"*{dt}", labels_ptr="*i64",
+                           lse_ptr="*fp32", grad_ptr="*fp32", dhidden_ptr="*fp32",
+                           dweight_ptr="*fp32", n_tokens="i32", vocab="i32", hidden_size="i32"),
+                constexprs=dict(NEED_DH=need_dh, NEED_DW=need_dw, BLOCK_N=b.block_n,
+                                BLOCK_V=b.block_v, BLOCK_H=b.block_h, GROUP_N=b.group_n,
+                                DOT_PRECISION=_dot_precision(dt), UPCAST_DOT=False),
+                num_warps=b.num_warps, num_stages=b.num_stages,
+                divisible=("hidden_ptr", "weight_ptr", "labels_ptr", "lse_ptr", "grad_ptr",
+                           "dhidden_ptr", "dweight_ptr", "hidden_size"),
+            ))
+    out.append(KernelConfig(
+        name="segment_sum",
+        kernel=_segment_sum_kernel,
+        types=dict(values_ptr="*fp32", seq_ids_ptr="*i64", out_ptr="*fp32", n_tokens="i32"),
+        constexprs=dict(BLOCK=e.block), num_warps=e.num_warps, num_stages=1,
+        divisible=("values_ptr", "seq_ids_ptr", "out_ptr"),
+    ))
+    out.append(KernelConfig(
+        name="gather_segments",
+        kernel=_gather_segments_kernel,
+        types=dict(seq_values_ptr="*fp32", seq_ids_ptr="*i64", out_ptr="*fp32", n_tokens="i32"),
+        constexprs=dict(BLOCK=e.block), num_warps=e.num_warps, num_stages=1,
+        divisible=("seq_values_ptr", "seq_ids_ptr", "out_ptr"),
+    ))
+    return out
+
+
+def _tool(name: str) -> str:
+    return getattr(triton.knobs.nvidia, name).path
+
+
+def _ptxas_usage(ptx: str, capability: int) -> dict:
+    """Registers and spill bytes from ``ptxas -v`` (the same ptxas Triton itself runs)."""
+    arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as fh:
+            fh.write(ptx)
+        proc = subprocess.run([_tool("ptxas"), "-v", f"--gpu-name={arch}", src,
+                               "-o", os.path.join(tmp, "kernel.cubin")],
+                              capture_output=True, text=True, check=True)
+    log = proc.stderr + proc.stdout
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    stack = re.search(r"(\d+) bytes stack frame", log)
+    return {
+        "registers": int(regs.group(1)),
+        "spill_stores": int(spill.group(1)),
+        "spill_loads": int(spill.group(2)),
+        "stack_bytes": int(stack.group(1)),
+    }
+
+
+def _sass_mma(cubin: bytes) -> str:
+    """Tensor-core instruction families in the SASS (cuobjdump ships in the triton wheel)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as fh:
+            fh.write(cubin)
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True,
+                              text=True, check=True).stdout
+    found = sorted({m for m in re.findall(r"\b(HGMMA|HMMA|IMMA)\b", sass)})
+    return "+".join(f"{m}x{sass.count(m)}" for m in found) or "-"
+
+
+def _ptx_mma(ptx: str) -> str:
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    if re.search(r"\bmma\.sync", ptx):
+        return "mma.sync"
+    return "-"
+
+
+def compile_config(cfg: KernelConfig, arch: str) -> dict:
+    """Compile one configuration for ``arch`` and measure it. Raises if compilation fails."""
+    capability = ARCHS[arch]
+    fn = cfg.kernel
+    if not isinstance(fn, JITFunction):
+        raise RuntimeError(
+            "the kernels were created by the Triton interpreter (TRITON_INTERPRET=1); "
+            "use compile_report(), which compiles in a child process without it"
+        )
+    signature = {n: ("constexpr" if n in cfg.constexprs else cfg.types[n]) for n in fn.arg_names}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in cfg.divisible}
+    start = time.perf_counter()
+    compiled = triton.compile(
+        ASTSource(fn, signature, cfg.constexprs, attrs),
+        target=GPUTarget("cuda", capability, 32),
+        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                 **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {})},
+    )
+    seconds = time.perf_counter() - start
+    ptx = compiled.asm["ptx"]
+    usage = _ptxas_usage(ptx, capability)
+    shared = int(compiled.metadata.shared)
+    threads = cfg.num_warps * 32
+    by_regs = REGISTERS_PER_SM // max(1, usage["registers"] * threads)
+    by_shared = SHARED_MEMORY_LIMIT[arch] // shared if shared else MAX_BLOCKS_PER_SM
+    blocks = min(by_regs, by_shared, THREADS_PER_SM // threads, MAX_BLOCKS_PER_SM)
+    return {
+        "kernel": cfg.name,
+        "arch": arch,
+        "tiles": "x".join(str(cfg.constexprs[k]) for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H")
+                          if k in cfg.constexprs) or str(cfg.constexprs.get("BLOCK", "")),
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+        **usage,
+        "shared_bytes": shared,
+        "shared_limit": SHARED_MEMORY_LIMIT[arch],
+        "blocks_per_sm": blocks,
+        "ptx_mma": _ptx_mma(ptx),
+        "sass_mma": _sass_mma(compiled.asm["cubin"]),
+        "compile_s": round(seconds, 2),
+    }
+
+
+def compile_report(archs=("sm_80", "sm_90")) -> list[dict]:
+    """Compile every kernel configuration for each of ``archs``; one dict per configuration.
+
+    Keys: kernel, arch, tiles, num_warps, num_stages, registers, spill_stores, spill_loads,
+    stack_bytes, shared_bytes, shared_limit, blocks_per_sm, ptx_mma, sass_mma, compile_s.
+    """
+    if not isinstance(_logprobs_forward_kernel, JITFunction):
+        return _report_in_child(archs)
+    rows = []
+    for arch in archs:
+        if arch not in ARCHS:
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+        for cfg in kernel_configs(arch):
+            rows.append(compile_config(cfg, arch))
+    return rows
+
+
+def _report_in_child(archs) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "altpo_kernels.triton.aot_compile", "--json", "--arch", *archs]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ahead-of-time compile failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout)
+
+
+COLUMNS = (
+    ("arch", "arch"), ("kernel", "kernel"), ("tiles", "tiles NxVxH"), ("num_warps", "warps"),
+    ("num_stages", "stages"), ("registers", "regs"), ("spill_stores", "spill st"),
+    ("spill_loads", "spill ld"), ("shared_bytes", "smem B"), ("blocks_per_sm", "blocks/SM"),
+    ("ptx_mma", "PTX mma"), ("sass_mma", "SASS mma"), ("compile_s", "compile s"),
+)
+
+
+def format_table(rows: list[dict]) -> str:
+    """The report as an aligned text table (Markdown-compatible)."""
+    header = [title for _, title in COLUMNS]
+    body = [[str(row[key]) for key, _ in COLUMNS] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h)
+              for i, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), sep, *(line(r) for r in body)])
+
+
+def problems(rows: list[dict]) -> list[str]:
+    """Configurations that spill or exceed the architecture's shared memory or register limits."""
+    bad = []
+    for r in rows:
+        where = f"{r['arch']} {r['kernel']}"
+        if r["spill_stores"] or r["spill_loads"]:
+            bad.append(f"{where}: spills {r['spill_stores']} B stores / {r['spill_loads']} B loads")
+        if r["shared_bytes"] > r["shared_limit"]:
+            bad.append(f"{where}: {r['shared_bytes']} B shared memory > {r['shared_limit']} B")
+        if r["registers"] > MAX_REGISTERS_PER_THREAD:
+            bad.append(f"{where}: {r['registers']} registers")
+    return bad
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m altpo_kernels.triton.aot_compile",
+        description="Compile every altpo_kernels Triton kernel for sm_80/sm_90 without a GPU and "
+                    "report registers, spills and shared memory.",
+    )
+    parser.add_argument("--arch", nargs="+", default=list(ARCHS), choices=list(ARCHS),
+                        help="architectures to compile for (default: both)")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    args = parser.parse_args(argv)
+    rows = compile_report(tuple(args.arch))
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(format_table(rows))
+    bad = problems(rows)
+    for msg in bad:
+        print("PROBLEM:", msg)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
