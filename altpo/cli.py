@@ -13,6 +13,7 @@ import sys
 
 # command name -> module that implements it
 COMMANDS = {
+    "eval": "altpo.eval_command",
 }
 
 
