@@ -178,6 +178,19 @@ def _ptx_mma(ptx: str) -> str:
     return "-"
 
 
+_MMA_RE = re.compile(r"(wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)"
+                     r"|mma\.sync\.aligned\.(m\d+n\d+k\d+)\.row\.col)\.f32\.(\w+)\.\w+")
+
+
+def _ptx_mma_detail(ptx: str) -> tuple[list[str], list[str]]:
+    """(operand types, instruction shapes) of the PTX tensor-core instructions."""
+    types, shapes = set(), set()
+    for m in _MMA_RE.finditer(ptx):
+        shapes.add(m.group(2) or m.group(3))
+        types.add(m.group(4))
+    return sorted(types), sorted(shapes)
+
+
 def compile_config(cfg: KernelConfig, arch: str) -> dict:
     """Compile one configuration for ``arch`` and measure it. Raises if compilation fails."""
     capability = ARCHS[arch]
@@ -199,6 +212,7 @@ def compile_config(cfg: KernelConfig, arch: str) -> dict:
     seconds = time.perf_counter() - start
     ptx = compiled.asm["ptx"]
     usage = _ptxas_usage(ptx, capability)
+    mma_types, mma_shapes = _ptx_mma_detail(ptx)
     shared = int(compiled.metadata.shared)
     threads = cfg.num_warps * 32
     by_regs = REGISTERS_PER_SM // max(1, usage["registers"] * threads)
@@ -216,6 +230,8 @@ def compile_config(cfg: KernelConfig, arch: str) -> dict:
         "shared_limit": SHARED_MEMORY_LIMIT[arch],
         "blocks_per_sm": blocks,
         "ptx_mma": _ptx_mma(ptx),
+        "mma_operand_types": mma_types,
+        "mma_shapes": mma_shapes,
         "sass_mma": _sass_mma(compiled.asm["cubin"]),
         "compile_s": round(seconds, 2),
     }
@@ -225,7 +241,8 @@ def compile_report(archs=("sm_80", "sm_90")) -> list[dict]:
     """Compile every kernel configuration for each of ``archs``; one dict per configuration.
 
     Keys: kernel, arch, tiles, num_warps, num_stages, registers, spill_stores, spill_loads,
-    stack_bytes, shared_bytes, shared_limit, blocks_per_sm, ptx_mma, sass_mma, compile_s.
+    stack_bytes, shared_bytes, shared_limit, blocks_per_sm, ptx_mma (wgmma / mma.sync / -),
+    mma_operand_types and mma_shapes (of the PTX tensor-core instructions), sass_mma, compile_s.
     """
     if not isinstance(_logprobs_forward_kernel, JITFunction):
         return _report_in_child(archs)
