@@ -13,6 +13,8 @@ import sys
 
 # command name -> module that implements it
 COMMANDS = {
+    "plan": "altpo.plan_command",
+    "train": "altpo.train_command",
     "eval": "altpo.eval_command",
 }
 
