@@ -84,7 +84,8 @@ TOKEN_GRANULE = 256
 # A micro-batch of this many tokens keeps a GPU busy; below it the planner prefers checkpointing.
 GOOD_TOKENS_PER_MICROBATCH = 4096
 # The TOFU forget10 recipe: 32 forget rows with their alternate and original answers plus 32
-# retain rows, about 128 tokens each with the Llama-3 chat template.
+# retain rows. With the Llama-3 chat template those sequences average 91-97 tokens (p90 110-117,
+# benchmarks/tofu_lengths.json); 128 tokens each leaves room for longer alternates.
 DEFAULT_TOKENS_PER_STEP = 96 * 128
 DEFAULT_MAX_SEQ_LEN = 512
 
