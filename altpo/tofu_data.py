@@ -178,7 +178,7 @@ def load_alternates(path: str | Path, forget_rows: Sequence[dict]) -> list[list[
         alternates[matches[0]].append(text)
 
     if unknown:
-        shown = "; ".join(repr(q[:80]) for q in unknown[:3])
+        shown = "; ".join(repr(q[:80]) for q in list(dict.fromkeys(unknown))[:3])
         raise UserError(
             f"alternates file {path} has {len(unknown)} row(s) whose question is not in the forget "
             f"split, e.g. {shown}; use the alternates made for this forget split (--forget-split)"

@@ -116,9 +116,25 @@ def train(config: TrainConfig, *, on_step: Callable[[dict], None] | None = None)
     config = TrainConfig(**config.to_dict()).validate()
     dist = _Distributed.setup(config.device)
     try:
-        return _train(config, dist, on_step)
+        with _transformers_bars(enabled=not config.quiet and dist.rank == 0):
+            return _train(config, dist, on_step)
     finally:
         dist.cleanup()
+
+
+@contextmanager
+def _transformers_bars(enabled: bool):
+    """transformers' own loading/saving bars follow --quiet (and rank 0)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _train(config: TrainConfig, dist: "_Distributed", on_step) -> TrainResult:
@@ -133,9 +149,11 @@ def _train(config: TrainConfig, dist: "_Distributed", on_step) -> TrainResult:
     # 2. tokenizer and data
     tokenizer = _load_tokenizer(config)
     fmt = ChatFormat(config.system_prompt or None, config.date_string)
-    forget_rows = load_tofu_split(config.data, config.forget_split)[: config.max_forget_rows]
+    forget_rows = load_tofu_split(config.data, config.forget_split)
     retain_rows = load_tofu_split(config.data, config.retain_split)[: config.max_retain_rows]
-    alternates = load_alternates(config.alternates, forget_rows)
+    # alternates are checked against the whole split, then cut with it
+    alternates = load_alternates(config.alternates, forget_rows)[: config.max_forget_rows]
+    forget_rows = forget_rows[: config.max_forget_rows]
     data = build_altpo_data(tokenizer, forget_rows, alternates, retain_rows, fmt=fmt,
                             max_length=config.max_length)
     note = truncation_report(data, config.max_length)
