@@ -14,8 +14,11 @@
 #   compile    python -m benchmarks.compile_report (CPU only, runs beside gpu-tests)
 #   kernels    python -m benchmarks.kernels (its own deadline stops new measurements in time)
 #   step       python -m benchmarks.step
+#   packed     python -m benchmarks.packed_vs_padded (packing and the memory planner's prediction)
 #   report     python -m benchmarks.report -> benchmarks/results/<date>-<card>.json/.md/.png
-# Every part writes its JSON as it goes, so a part cut off by its limit still reports what it did.
+# A part's limit shrinks to what is left of the suite's budget (SUITE_BUDGET_S, default 450 s), so
+# the whole run ends inside 8 minutes even when early parts run long. kernels and step write their
+# JSON as they go, so a part cut off by its limit still reports what it did.
 # When $OUT is set (the lent-GPU tool), the results and logs are copied there as well.
 set -uo pipefail
 
@@ -67,6 +70,13 @@ fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,utilization.gpu --format=csv 2>&1 | tee -a "$log"
 
 : >"$work/parts.txt"
+budget="${SUITE_BUDGET_S:-450}"
+report_reserve=25
+fit() {  # fit LIMIT: the limit, shrunk to what the suite's budget has left after the report
+    local left=$((budget - (SECONDS - t_start) - report_reserve))
+    [ "$left" -lt 10 ] && left=10
+    [ "$1" -lt "$left" ] && echo "$1" || echo "$left"
+}
 part() {  # part NAME LIMIT_SECONDS COMMAND...
     local name="$1" limit="$2"
     shift 2
@@ -83,7 +93,8 @@ part() {  # part NAME LIMIT_SECONDS COMMAND...
 if [ "$quick" = 1 ]; then
     tests=(tests/test_kernel_input_errors.py)
     q=(--quick)
-    limits=(120 120 300 300)
+    limits=(120 120 300 300 120)
+    packed_args=(--quick --workloads tofu)
 else
     tests=()
     for f in tests/test_linear_logprobs.py tests/test_altpo_loss.py tests/test_triton_logprobs.py \
@@ -91,21 +102,27 @@ else
         [ -f "$f" ] && tests+=("$f")
     done
     q=()
-    # gpu-tests, compile, kernels, step: 100 + (beside) + 165 + 140 s, plus start-up and report
-    limits=(100 150 165 140)
+    # gpu-tests, compile (beside them), kernels, step, packed
+    limits=(90 150 150 130 60)
+    packed_args=(--budget-s 1)
 fi
 
 # compile is CPU work (ptxas): it runs beside the kernel tests, before anything is timed
 ( part compile "${limits[1]}" "$PY" -m benchmarks.compile_report "${q[@]}" --out "$work/compile.json" ) &
 compile_pid=$!
-part gpu-tests "${limits[0]}" "$PY" -m pytest -q -p no:cacheprovider --junitxml="$work/gpu-tests.xml" "${tests[@]}"
+part gpu-tests "$(fit "${limits[0]}")" "$PY" -m pytest -q -p no:cacheprovider --junitxml="$work/gpu-tests.xml" "${tests[@]}"
 wait "$compile_pid"
-part kernels "${limits[2]}" "$PY" -m benchmarks.kernels "${q[@]}" --deadline $((limits[2] - 35)) --out "$work/kernels.json"
-part step "${limits[3]}" "$PY" -m benchmarks.step "${q[@]}" --out "$work/step.json"
+lim=$(fit "${limits[2]}")
+# the deadline leaves room for the measurement in flight when it passes (at most ~30 s at N=65536)
+part kernels "$lim" "$PY" -m benchmarks.kernels "${q[@]}" --deadline $((lim * 3 / 4)) --out "$work/kernels.json"
+part step "$(fit "${limits[3]}")" "$PY" -m benchmarks.step "${q[@]}" --out "$work/step.json"
+if [ -f benchmarks/packed_vs_padded.py ]; then
+    part packed "$(fit "${limits[4]}")" "$PY" -m benchmarks.packed_vs_padded "${packed_args[@]}" --out "$work/packed.json"
+fi
 
 say "report"
 "$PY" -m benchmarks.report --kernels "$work/kernels.json" --step "$work/step.json" \
-    --compile "$work/compile.json" --pytest-junit "$work/gpu-tests.xml" --parts "$work/parts.txt" \
+    --compile "$work/compile.json" --packed "$work/packed.json" --pytest-junit "$work/gpu-tests.xml" --parts "$work/parts.txt" \
     --out-dir "$out_dir" >"$work/report.log" 2>&1
 rc=$?
 cat "$work/report.log" | tee -a "$log"

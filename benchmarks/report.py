@@ -70,6 +70,7 @@ def combine(args) -> dict:
         "parts": parts,
         "gpu_tests": pytest_summary(args.pytest_junit),
         "kernels": kernels, "step": step, "compile_report": _load(args.compile),
+        "packed_vs_padded": _load(args.packed),
     }
 
 
@@ -164,6 +165,19 @@ def markdown(res: dict) -> str:
                          f"{mr['altpo_torch_mib']:.0f} MiB / {mr['materialised_mib']:.0f} MiB = {mr['ratio']:.3f}")
             lines.append("")
 
+    pv = res.get("packed_vs_padded")
+    if pv and pv.get("rows"):
+        lines += [f"**Packed vs padded micro-batches** ({pv.get('model')}, packed attention "
+                  f"{pv.get('attention_backend')})", ""]
+        rows = [[str(r.get("workload")), str(r.get("mode")), fmt(r.get("tokens"), "d"),
+                 fmt(r.get("tokens_per_s"), ",.0f"), fmt(r.get("peak_mib"), ".4g"),
+                 fmt(r.get("speedup_vs_padded"), ".2f"), fmt(r.get("memory_vs_padded"), ".2f"),
+                 fmt(r.get("planned_mib"), ".4g"), fmt(r.get("max_memory_allocated_mib"), ".4g"),
+                 str(r.get("error", "ok"))] for r in pv["rows"]]
+        lines += _table(["workload", "mode", "tokens", "tokens/s", "peak MiB", "speed-up", "memory x",
+                         "planned MiB", "measured MiB", "status"], rows)
+        lines.append("")
+
     c = res.get("compile_report")
     if c:
         wg = c.get("sm90_wgmma", {})
@@ -253,6 +267,7 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", type=Path, help="benchmarks/kernels.py --out file")
     p.add_argument("--step", type=Path, help="benchmarks/step.py --out file")
     p.add_argument("--compile", type=Path, help="benchmarks/compile_report.py --out file")
+    p.add_argument("--packed", type=Path, help="benchmarks/packed_vs_padded.py --out file")
     p.add_argument("--pytest-junit", type=Path, help="pytest --junitxml file of the kernel tests")
     p.add_argument("--parts", type=Path, help="the suite's 'part exit-status seconds' lines")
     p.add_argument("--from", dest="from_json", type=Path,
