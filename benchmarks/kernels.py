@@ -121,15 +121,21 @@ def make_inputs(n: int, h: int, v: int, dtype: torch.dtype, device: torch.device
     }
 
 
-def altpo_from_token_logps(token_logp, x: dict, labels=None):
+def altpo_from_token_logps(token_logp, seq_ids, win, lose, retain, ref_win, ref_lose, num_seqs: int):
     """The AltPO loss (DESIGN.md section 2) from per-token log-probs, in plain torch."""
-    seq = torch.zeros(x["num_seqs"], device=token_logp.device, dtype=torch.float32)
-    seq = seq.index_add(0, x["seq_ids"], token_logp.float())
-    delta = (seq[x["win"]] - x["ref_win"]) - (seq[x["lose"]] - x["ref_lose"])
+    seq = torch.zeros(num_seqs, device=token_logp.device, dtype=torch.float32)
+    seq = seq.index_add(0, seq_ids, token_logp.float())
+    delta = (seq[win] - ref_win) - (seq[lose] - ref_lose)
     forget = -(2.0 / BETA) * F.logsigmoid(BETA * delta).mean()
-    retain_tokens = torch.isin(x["seq_ids"], x["retain"]).sum().clamp(min=1)
-    retain = -seq[x["retain"]].sum() / retain_tokens
-    return GAMMA * forget + ALPHA * retain
+    retain_tokens = torch.isin(seq_ids, retain).sum().clamp(min=1)
+    retain_loss = -seq[retain].sum() / retain_tokens
+    return GAMMA * forget + ALPHA * retain_loss
+
+
+def _layout(x: dict) -> tuple:
+    # explicit tensors, not the dict: torch.compile guards on its arguments, and the dict gains
+    # cached reference entries during the run
+    return (x["seq_ids"], x["win"], x["lose"], x["retain"], x["ref_win"], x["ref_lose"], x["num_seqs"])
 
 
 def materialised_logprobs(hidden, weight, labels):
@@ -138,8 +144,9 @@ def materialised_logprobs(hidden, weight, labels):
     return torch.log_softmax(logits.float(), dim=-1).gather(1, labels[:, None]).squeeze(1)
 
 
-def materialised_altpo(hidden, weight, labels, x):
-    return altpo_from_token_logps(materialised_logprobs(hidden, weight, labels), x)
+def materialised_altpo(hidden, weight, labels, seq_ids, win, lose, retain, ref_win, ref_lose, num_seqs):
+    return altpo_from_token_logps(materialised_logprobs(hidden, weight, labels), seq_ids, win, lose,
+                                  retain, ref_win, ref_lose, num_seqs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,7 +244,8 @@ def build_forward(variant: str, op: str, x: dict):
             fn = materialised_logprobs if variant == "materialised" else _compiled(materialised_logprobs)
             return lambda: (fn(hidden, weight, labels) * tw).sum()
         fn = materialised_altpo if variant == "materialised" else _compiled(materialised_altpo)
-        return lambda: fn(hidden, weight, labels, x)
+        layout = _layout(x)
+        return lambda: fn(hidden, weight, labels, *layout)
     if variant == "cce":
         from cut_cross_entropy import linear_cross_entropy
 
@@ -246,7 +254,7 @@ def build_forward(variant: str, op: str, x: dict):
 
         if op == "linear_logprobs":
             return lambda: (cce_logps() * tw).sum()
-        return lambda: altpo_from_token_logps(cce_logps(), x)
+        return lambda: altpo_from_token_logps(cce_logps(), *_layout(x))
     if variant == "liger":
         if op == "linear_logprobs":
             if hidden.device.type != "cuda":

@@ -84,6 +84,15 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
+def _step_status(r: dict) -> str:
+    if r["status"] != "ok":
+        return r["status"][:80]
+    if r.get("fallback_errors"):
+        return (f"ok after fallback to attention {r.get('attention')}, loss {r.get('loss_backend')} "
+                f"(first error: {r['fallback_errors'][0][:120]})")
+    return "ok"
+
+
 def markdown(res: dict) -> str:
     lines = [f"### {res.get('card') or 'unknown card'}, commit {res.get('commit')}, {res.get('date')}", ""]
     if res.get("quick"):
@@ -117,7 +126,7 @@ def markdown(res: dict) -> str:
             rows.append([r["variant"], fmt(r.get("step_s"), ".3g"), fmt(r.get("tokens_per_s"), ".4g"),
                          fmt(r.get("mfu"), ".3f"), fmt(r.get("peak_gib"), ".3g"), fmt(ref, ".3g"),
                          fmt(None if run_s is None else run_s / 60, ".3g"),
-                         "ok" if r["status"] == "ok" else r["status"][:80]])
+                         _step_status(r)])
         lines += _table(["variant", "step s", "tokens/s", "MFU", "peak GiB", "reference pass s",
                          "seed run min", "status"], rows)
         lines.append("")
