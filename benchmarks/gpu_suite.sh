@@ -103,7 +103,7 @@ else
     done
     q=()
     # gpu-tests, compile (beside them), kernels, step, packed
-    limits=(90 150 150 130 60)
+    limits=(90 150 190 130 60)
     packed_args=(--budget-s 1)
 fi
 
