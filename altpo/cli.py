@@ -16,6 +16,7 @@ COMMANDS = {
     "plan": "altpo.plan_command",
     "train": "altpo.train_command",
     "eval": "altpo.eval_command",
+    "generate-alternates": "altpo.generate_alternates_command",
 }
 
 
