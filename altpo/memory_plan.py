@@ -42,9 +42,9 @@ Retained activations cover T tokens when gradients are accumulated over micro-ba
 tokens of the step when the optimizer steps inside backward (one backward per optimizer step:
 every micro-batch's forward runs first).
 
-Loss workspace (altpo_kernels' fused loss backward, any backend): an fp32 dW accumulator V*H*4,
-its cast to the weight dtype V*H*b (counted under gradients when that is the tied embedding's
-gradient), and per token an fp32 dH (4H), the answer-row copy of the hidden states (bH), the dH
+Loss workspace (altpo_kernels' fused loss backward): an fp32 dW accumulator for one band of
+``LOSS_DW_BAND_ROWS`` vocabulary rows (Bv*H*4; the kernels sum dW band by band), the dW result
+in the weight dtype V*H*b (counted under gradients when that is the tied embedding's gradient), and per token an fp32 dH (4H), the answer-row copy of the hidden states (bH), the dH
 cast and scatter (2bH), plus 16 bytes of forward outputs. The logits [T, V] are never held.
 
 Other transients: the embedding backward's dense [V, H] gradient (V*H*b), an optimizer step on
@@ -77,6 +77,8 @@ REFERENCE_MODES = ("cached", "resident")
 
 # Optimizer steps on tensors larger than this run chunk by chunk (AdamW is elementwise, so this
 # is exact), keeping the fp32 temporaries at 128 MiB instead of 2 GiB for a 128k-vocab embedding.
+# Rows of the fp32 dW band of the Triton loss backward (altpo_kernels.triton.logprobs_backward).
+LOSS_DW_BAND_ROWS = 16384
 OPTIMIZER_CHUNK_NUMEL = 1 << 24
 SLACK_FRACTION = 0.05
 SLACK_FIXED = 256 * 1024**2
@@ -361,7 +363,7 @@ def _estimate(shape: ModelShape, s: _Settings) -> tuple[dict, dict, dict]:
         backward_ws = (act["layer"] + act["backward_temporaries"]) * t
 
     cast_is_gradient = s.optimizer_in_backward and shape.tie_word_embeddings
-    loss_ws = 4 * v_h + (0 if cast_is_gradient else b * v_h) + (4 * h + 3 * b * h + 16) * t
+    loss_ws = 4 * min(shape.vocab_size, LOSS_DW_BAND_ROWS) * h + (0 if cast_is_gradient else b * v_h) + (4 * h + 3 * b * h + 16) * t
     transients = {
         "loss_workspace": loss_ws,
         "recompute_and_backward_workspace": backward_ws,

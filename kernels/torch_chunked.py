@@ -58,29 +58,30 @@ def logprobs_forward(hidden, weight, labels):
 def logprobs_backward(hidden, weight, labels, lse, grad_logp, need_dh=True, need_dw=True):
     n, v = hidden.shape[0], weight.shape[0]
     dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_dh else None
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
-    for t0 in range(0, n, TOKEN_CHUNK):
-        t1 = min(n, t0 + TOKEN_CHUNK)
-        h = hidden[t0:t1].float()
-        lab = labels[t0:t1]
-        g = grad_logp[t0:t1].float()
-        for v0 in range(0, v, VOCAB_CHUNK):
-            v1 = min(v, v0 + VOCAB_CHUNK)
-            w = weight[v0:v1].float()
+    dw = torch.empty_like(weight) if need_dw else None
+    # Vocabulary-outer order: each band of dW rows is summed in fp32 over all token chunks and
+    # written in the weight's dtype when done, so the fp32 workspace is one band, not [V, H].
+    for v0 in range(0, v, VOCAB_CHUNK):
+        v1 = min(v, v0 + VOCAB_CHUNK)
+        w = weight[v0:v1].float()
+        dw_band = torch.zeros(v1 - v0, weight.shape[1], device=weight.device) if need_dw else None
+        for t0 in range(0, n, TOKEN_CHUNK):
+            t1 = min(n, t0 + TOKEN_CHUNK)
+            h = hidden[t0:t1].float()
+            lab = labels[t0:t1]
+            g = grad_logp[t0:t1].float()
             # d logp_t / d z_t = onehot(label_t) - softmax(z_t); scaled by the upstream gradient.
             dz = (h @ w.T).sub_(lse[t0:t1, None]).exp_().mul_(-g[:, None])
-            inside = (lab >= v0) & (lab < v1)
-            rows = inside.nonzero().squeeze(1)
+            rows = ((lab >= v0) & (lab < v1)).nonzero().squeeze(1)
             dz[rows, lab[rows] - v0] += g[rows]
             if need_dh:
                 dh[t0:t1] += dz @ w
             if need_dw:
-                dw[v0:v1] += dz.T @ h
+                dw_band += dz.T @ h
             del dz
-    return (
-        dh.to(hidden.dtype) if need_dh else None,
-        dw.to(weight.dtype) if need_dw else None,
-    )
+        if need_dw:
+            dw[v0:v1] = dw_band
+    return (dh.to(hidden.dtype) if need_dh else None, dw)
 
 
 def segment_sum(values, seq_ids, num_seqs: int):

@@ -270,3 +270,13 @@ def test_bad_api_options():
     with pytest.raises(PlanError, match="gpu_memory_bytes"):
         plan_memory("llama-3.2-1b", -5)
     assert mp.SUPPORTED_MODEL_TYPES == ("llama", "mistral", "qwen2")
+
+
+def test_loss_workspace_band_matches_the_kernel():
+    """The planner's dW band is the one the Triton backward really uses."""
+    import importlib
+
+    from altpo import memory_plan
+
+    bwd = importlib.import_module("altpo_kernels.triton.logprobs_backward")
+    assert memory_plan.LOSS_DW_BAND_ROWS == bwd.DW_BAND_ROWS

@@ -37,6 +37,10 @@ from .logprobs_forward import _on_device, dot_accumulate, dot_precision
 from .tile_configs import interpreting, tiles_for
 
 
+# Vocabulary rows per dW band (see logprobs_backward); a multiple of every BLOCK_V.
+DW_BAND_ROWS = 16384
+
+
 @triton.jit
 def _logprobs_backward_kernel(
     hidden_ptr, weight_ptr, labels_ptr, lse_ptr, grad_ptr,
@@ -123,22 +127,36 @@ def logprobs_backward(hidden, weight, labels, lse, grad_logp, need_dh=True, need
     if not (need_dh or need_dw):
         return None, None
     dh = torch.zeros(n, hidden_size, dtype=torch.float32, device=device) if need_dh else None
-    dw = torch.zeros(vocab, hidden_size, dtype=torch.float32, device=device) if need_dw else None
+    dw = torch.empty(vocab, hidden_size, dtype=weight.dtype, device=device) if need_dw else None
     # The unused output still needs a pointer of the right type; the kernel never touches it.
     unused = torch.empty(1, dtype=torch.float32, device=device)
     t = tiles_for(device).logprobs("backward", hidden.dtype)
-    grid = (triton.cdiv(n, t.block_n) * triton.cdiv(vocab, t.block_v),)
-    with _on_device(device):
-        _logprobs_backward_kernel[grid](
-            hidden, weight, labels, lse, grad_logp,
-            dh if need_dh else unused, dw if need_dw else unused,
-            n, vocab, hidden_size,
-            NEED_DH=need_dh, NEED_DW=need_dw,
-            BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_H=t.block_h, GROUP_N=t.group_n,
-            DOT_PRECISION=dot_precision(hidden.dtype), UPCAST_DOT=interpreting(),
-            num_warps=t.num_warps, num_stages=t.num_stages,
-        )
-    return (
-        dh.to(hidden.dtype) if need_dh else None,
-        dw.to(weight.dtype) if need_dw else None,
-    )
+    # dW is summed in fp32 one band of vocabulary rows at a time and written in the weight's
+    # dtype as each band finishes, so the fp32 workspace is [DW_BAND_ROWS, H] instead of [V, H]
+    # (128 MiB instead of 1 GiB for a 128k x 2048 head). Each band is a full launch over all token
+    # blocks, so no tile is computed twice; a label outside the band matches no column of it.
+    band = min(vocab, DW_BAND_ROWS) if need_dw else vocab
+    in_place = need_dw and dw.dtype == torch.float32
+    scratch = None
+    if need_dw and not in_place:
+        scratch = torch.empty(band, hidden_size, dtype=torch.float32, device=device)
+    for v0 in range(0, vocab, band):
+        v1 = min(vocab, v0 + band)
+        dw_band = unused
+        if need_dw:
+            dw_band = dw[v0:v1] if in_place else scratch[: v1 - v0]
+            dw_band.zero_()
+        grid = (triton.cdiv(n, t.block_n) * triton.cdiv(v1 - v0, t.block_v),)
+        with _on_device(device):
+            _logprobs_backward_kernel[grid](
+                hidden, weight[v0:v1], labels - v0 if v0 else labels, lse, grad_logp,
+                dh if need_dh else unused, dw_band,
+                n, v1 - v0, hidden_size,
+                NEED_DH=need_dh, NEED_DW=need_dw,
+                BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_H=t.block_h, GROUP_N=t.group_n,
+                DOT_PRECISION=dot_precision(hidden.dtype), UPCAST_DOT=interpreting(),
+                num_warps=t.num_warps, num_stages=t.num_stages,
+            )
+        if need_dw and not in_place:
+            dw[v0:v1].copy_(dw_band)
+    return (dh.to(hidden.dtype) if need_dh else None, dw)
