@@ -39,7 +39,8 @@ def step_json(outputs):
 @pytest.fixture(scope="module")
 def kernels_json(outputs):
     # a smaller memory-ratio shape than the default 4096x256x32000, for CI time
-    return _run(["benchmarks/kernels.py", "--quick", "--ratio-shape", "1024,128,8000"], outputs / "k.json")
+    return _run(["benchmarks/kernels.py", "--quick", "--budget", "0.02", "--ratio-shape", "1024,128,8000"],
+                outputs / "k.json")
 
 
 def test_step_quick_compares_three_recipes(step_json):
