@@ -7,6 +7,7 @@ import pytest
 
 from altpo import alternates_generation as G
 from altpo.cli import main as cli_main
+from altpo.tofu_data import load_alternates
 from altpo.tiny_llama import build_tiny_llama, build_tiny_tokenizer, save_tiny_model
 
 PAIRS = [
@@ -51,6 +52,9 @@ def test_writes_k_rows_per_question_and_resumes_identically(tiny, tmp_path, monk
         mine = [r for r in rows if r["question"] == q]
         assert len(mine) == 3 and all(r["answer"] == a for r in mine)
         assert all(not G.is_rejected(r["alternate"], a) for r in mine)
+    # the trainer's loader reads the file as written
+    loaded = load_alternates(full, [{"question": q, "answer": a} for q, a in PAIRS])
+    assert [len(x) for x in loaded] == [3] * len(PAIRS)
 
     # interrupt a second run after its first batch (2 questions), then resume it
     part = tmp_path / "part.jsonl"
