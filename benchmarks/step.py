@@ -262,6 +262,8 @@ def trl_style_recipe(model, work: Workload, device, pad_id: int):
 
     # the precompute pass, run here on the step's rows: timed to estimate the whole data's
     model.eval()
+    with torch.no_grad():
+        concatenated_logps(model, batches[0][0])  # warm-up, as altpo-fast's pass gets one
     synchronize(device)
     t0 = time.perf_counter()
     refs = []
