@@ -522,8 +522,15 @@ def _peak_memory(device) -> int | None:
 
 
 def _reference_logprobs(model, data, key, path: Path, budget, config, dist, say) -> ReferenceLogprobs:
-    ref = load_reference_logprobs(path, key)
-    if ref is not None:
+    # rank 0 decides for everyone: a rank that looked on its own could see the file rank 0 has
+    # just written and skip the barrier the others wait in
+    ref = load_reference_logprobs(path, key) if dist.rank == 0 else None
+    if dist.broadcast_flag(ref is not None):
+        if ref is None:
+            ref = load_reference_logprobs(path, key)
+        if ref is None:
+            raise UserError(f"reference cache {path} is not readable from rank {dist.rank}; "
+                            "all processes need the same filesystem")
         say(f"reference log-probs: reusing {path}")
         return ref
     if dist.rank == 0:
@@ -612,6 +619,16 @@ class _Distributed:
             import torch.distributed as tdist
 
             tdist.barrier()
+
+    def broadcast_flag(self, flag: bool) -> bool:
+        """Rank 0's ``flag``, on every rank."""
+        if self.world == 1:
+            return flag
+        import torch.distributed as tdist
+
+        t = torch.tensor([float(flag) if self.rank == 0 else 0.0], device=self.device)
+        tdist.all_reduce(t)
+        return bool(t.item() > 0)
 
     def sum_stats(self, stats: StepStats, stop: bool) -> tuple[StepStats, bool]:
         """The step's totals over all ranks, and whether any rank was asked to stop."""
