@@ -98,6 +98,7 @@ class TrainResult:
     reference_reused: bool = False
     checkpoint: Path | None = None
     tokens_per_microbatch: int = 0
+    predicted_peak_bytes: int | None = None
     history: list[dict] = field(default_factory=list)
 
 
@@ -173,22 +174,31 @@ def _train(config: TrainConfig, dist: "_Distributed", on_step) -> TrainResult:
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * sampler.steps_per_epoch))
     warmup_steps = int(round(config.warmup_epochs * sampler.steps_per_epoch))
 
-    # 3. the model
+    # 3. the model, and the memory settings (the planner's, on a GPU, where asked for)
     dtype = _train_dtype(config.dtype, dist.device)
-    model, model_hash = _load_model(config, dtype, dist.device, need_hash=config.reference == "cached")
+    model, model_hash = _load_model(config, dtype, need_hash=config.reference == "cached")
+    saved_mode = _checkpoint_master_mode(resume_from)
+    memory = _memory_settings(config, model, dtype, dist.device, data, sampler, saved_mode)
+    with _explain_oom(config, memory):
+        model.to(dist.device)
     attention = _enable_packed_attention(model, config.attention)
-    budget = _micro_batch_budget(config, model, dist.device, say)
-    _check_budget(data, budget, config.batch_size)
-    if _use_checkpointing(config, dist.device):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    budget = memory.tokens_per_microbatch
+    if memory.checkpointing != "none":
+        from .activation_checkpointing import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model, memory.checkpointing)
     say(f"model {config.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
         f"{str(dtype).replace('torch.', '')} on {dist.device}, attention {attention}, "
-        f"{budget} tokens per micro-batch, {dist.world} process(es)")
+        f"{budget} tokens per micro-batch, checkpointing {memory.checkpointing}, master weights "
+        f"{memory.master_weights}, {dist.world} process(es)")
+    if memory.plan is not None:
+        say(f"memory plan: predicted peak {_gib(memory.plan.predicted_allocated_bytes)} of "
+            f"{_gib(memory.plan.gpu_memory_bytes)} free ({memory.source})")
 
     # 4. reference log-probs (with the starting weights, before any update or checkpoint load)
     ref, ref_model = None, None
     ref_path = Path(config.ref_cache).expanduser() if config.ref_cache else out / REF_CACHE_NAME
-    with _explain_oom(config, budget):
+    with _explain_oom(config, memory):
         if config.reference == "cached":
             key = cache_key(model_hash, data.reference_fingerprint(), dtype)
             ref = _reference_logprobs(model, data, key, ref_path, budget, config, dist, say)
@@ -200,7 +210,7 @@ def _train(config: TrainConfig, dist: "_Distributed", on_step) -> TrainResult:
         load_model_weights(model, resume_from)
     optimizer = MixedPrecisionAdamW(
         model.named_parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_eps, weight_decay=config.weight_decay, master_weights=config.master_weights)
+        eps=config.adam_eps, weight_decay=config.weight_decay, master_weights=memory.master_weights)
     start_step = 0
     if resume_from is not None:
         state, tensors = load_checkpoint_state(resume_from)
@@ -256,7 +266,7 @@ def _train(config: TrainConfig, dist: "_Distributed", on_step) -> TrainResult:
     interrupted = None
     tokens_done, train_seconds = 0, 0.0
     bar = say.progress(total_steps, start_step)
-    with _stop_signals() as stop, _explain_oom(config, budget):
+    with _stop_signals() as stop, _explain_oom(config, memory):
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
             rows = sampler.rows(step, dist.rank, dist.world)
@@ -268,7 +278,8 @@ def _train(config: TrainConfig, dist: "_Distributed", on_step) -> TrainResult:
             stats = forward_backward(
                 step_module, micro_batches, num_pairs=len(rows.step_pairs),
                 num_retain_tokens=num_retain_tokens, loss_scale=float(dist.world), no_sync=no_sync,
-                device=dist.device, before_forward=fill_reference)
+                device=dist.device, before_forward=fill_reference,
+                forward_context=memory.forward_context(dist.device))
             stats, stop_requested = dist.sum_stats(stats, stop.requested)
 
             lr = lr_at(step)
@@ -318,6 +329,7 @@ def _train(config: TrainConfig, dist: "_Distributed", on_step) -> TrainResult:
         reference_cache=ref.path if ref is not None else None,
         reference_reused=bool(ref is not None and ref.reused),
         checkpoint=last_checkpoint if interrupted else None, tokens_per_microbatch=budget,
+        predicted_peak_bytes=memory.plan.predicted_allocated_bytes if memory.plan else None,
         history=history)
     if dist.rank == 0:
         (out / SUMMARY_NAME).write_text(json.dumps(_summary_dict(result), indent=2))
@@ -380,8 +392,8 @@ def _train_dtype(setting: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[setting]
 
 
-def _load_model(config: TrainConfig, dtype, device, *, need_hash: bool):
-    """The model on ``device`` and, when asked, the fingerprint of its weights (hashed on the CPU)."""
+def _load_model(config: TrainConfig, dtype, *, need_hash: bool):
+    """The model (on the CPU) and, when asked, the fingerprint of its weights."""
     from transformers import AutoModelForCausalLM
 
     name = config.model
@@ -400,7 +412,7 @@ def _load_model(config: TrainConfig, dtype, device, *, need_hash: bool):
                         f"{_first_line(err)})") from None
     model.config.use_cache = False
     model_hash = model_fingerprint(model) if need_hash else None
-    return model.to(device), model_hash
+    return model, model_hash
 
 
 def _enable_packed_attention(model, backend: str) -> str:
@@ -421,82 +433,122 @@ def _first_line(err: BaseException) -> str:
 # memory: micro-batch budget, checkpointing, out-of-memory
 
 
-def _planner():
+@dataclass
+class _MemorySettings:
+    tokens_per_microbatch: int
+    checkpointing: str          # none | layers | offload
+    master_weights: str         # fp32 | kahan | none
+    plan: object = None         # altpo.memory_plan.MemoryPlan when the planner was used
+    source: str = "settings"
+
+    def forward_context(self, device):
+        if self.checkpointing != "offload":
+            return None
+        from .activation_checkpointing import offload_saved_tensors
+
+        return lambda: offload_saved_tensors(True, device)
+
+
+_CHECKPOINTING = {"on": "layers", "off": "none", "offload": "offload"}
+
+
+def _checkpoint_master_mode(checkpoint: Path | None) -> str | None:
+    """The master-weights mode a checkpoint's optimizer state was saved in."""
+    if checkpoint is None:
+        return None
+    return json.loads((checkpoint / "trainer_state.json").read_text()).get("master_weights")
+
+
+def _memory_settings(config: TrainConfig, model, dtype, device, data, sampler,
+                     saved_master_mode: str | None) -> _MemorySettings:
+    """Token budget, checkpointing and master weights: the flags, else the planner, else defaults.
+
+    The planner (``altpo.memory_plan``) runs on a CUDA device when any of the three is ``auto``,
+    against the memory free before the model is moved there. On a CPU, ``auto`` means a fixed
+    budget, no checkpointing and fp32 master weights. A resumed run keeps the master-weights mode
+    its optimizer state was saved in.
+    """
+    need = _largest_unit_tokens(data, config.batch_size)
+    fixed_tokens = config.micro_batch_tokens()
+    master = config.master_weights
+    if master == "auto" and saved_master_mode is not None:
+        master = saved_master_mode
+    checkpointing = _CHECKPOINTING.get(config.gradient_checkpointing, "auto")
+    wants_plan = "auto" in (checkpointing, master) or fixed_tokens is None
+    plan = None
+    if wants_plan and device.type == "cuda":
+        plan = _plan_memory(config, model, dtype, device, data, sampler, need, fixed_tokens,
+                            checkpointing, master)
+    if plan is not None:
+        tokens = fixed_tokens or plan.tokens_per_microbatch
+        checkpointing = plan.checkpointing_mode if checkpointing == "auto" else checkpointing
+        master = plan.master_weights if master == "auto" else master
+        source = "altpo.memory_plan"
+    else:
+        tokens = fixed_tokens or (DEFAULT_GPU_TOKENS_PER_MICROBATCH if device.type == "cuda"
+                                  else DEFAULT_CPU_TOKENS_PER_MICROBATCH)
+        tokens = max(tokens, need) if fixed_tokens is None else tokens
+        checkpointing = "none" if checkpointing == "auto" else checkpointing
+        master = "fp32" if master == "auto" else master
+        source = "defaults"
+    if need > tokens:
+        raise UserError(
+            f"--tokens-per-microbatch {tokens} is too small: a forget answer and its alternates must "
+            f"share a micro-batch and the largest such group has {need} tokens; raise "
+            f"--tokens-per-microbatch to at least {need}, or lower --max-length")
+    return _MemorySettings(tokens, checkpointing, master, plan, source)
+
+
+def _plan_memory(config, model, dtype, device, data, sampler, need, fixed_tokens, checkpointing,
+                 master):
     try:
         from . import memory_plan
-    except ImportError:
+    except ImportError:  # the planner is optional: defaults apply without it
         return None
-    return memory_plan
+    free = int(torch.cuda.mem_get_info(device)[0])
+    rows = sampler.rows(0)
+    units = forget_units(data, rows.step_pairs) + retain_units(data, rows.step_retain)
+    try:
+        plan = memory_plan.plan_memory(
+            model.config, free, tokens_per_microbatch=fixed_tokens or "auto",
+            checkpointing=checkpointing, master_weights=master, reference=config.reference,
+            optimizer_in_backward=False, tokens_per_step=sum(u.num_tokens for u in units),
+            max_seq_len=need, weight_dtype="bf16" if dtype == torch.bfloat16 else "fp32")
+    except ValueError as err:
+        raise UserError(f"memory plan: {err}") from None
+    if not plan.fits:
+        smallest = (f"; the smallest budget that fits is {_gib(plan.smallest_budget_bytes)} with "
+                    + ", ".join(f"{k}={v}" for k, v in (plan.smallest_budget_settings or {}).items())
+                    if plan.smallest_budget_bytes else "")
+        notes = "".join(f"; {n}" for n in plan.notes)
+        raise UserError(
+            f"the memory plan does not fit: it needs {_gib(plan.total_bytes)} and {device} has "
+            f"{_gib(free)} free{smallest}{notes}. Run `altpo-fast plan --model {config.model}` "
+            "for the table, or set --tokens-per-microbatch, --gradient-checkpointing and "
+            "--master-weights yourself")
+    return plan
 
 
-def _micro_batch_budget(config: TrainConfig, model, device, say) -> int:
-    fixed = config.micro_batch_tokens()
-    if fixed is not None:
-        return fixed
-    if device.type != "cuda":
-        return DEFAULT_CPU_TOKENS_PER_MICROBATCH
-    plan = _memory_plan(config, model, device)
-    if plan is None:
-        return DEFAULT_GPU_TOKENS_PER_MICROBATCH
-    tokens = int(getattr(plan, "tokens_per_microbatch"))
-    say(f"memory plan: {tokens} tokens per micro-batch, checkpointing "
-        f"{'on' if getattr(plan, 'checkpointing', False) else 'off'}")
-    return tokens
-
-
-_PLAN_CACHE: dict = {}
-
-
-def _memory_plan(config: TrainConfig, model, device):
-    module = _planner()
-    if module is None or device.type != "cuda":
-        return None
-    key = (id(model), str(device))
-    if key not in _PLAN_CACHE:
-        total = torch.cuda.get_device_properties(device).total_memory
-        checkpointing = {"on": True, "off": False}.get(config.gradient_checkpointing, "auto")
-        _PLAN_CACHE.clear()
-        _PLAN_CACHE[key] = module.plan_memory(
-            model.config, total, tokens_per_microbatch=config.micro_batch_tokens() or "auto",
-            checkpointing=checkpointing, master_weights=config.master_weights,
-            reference=config.reference)
-    return _PLAN_CACHE[key]
-
-
-def _use_checkpointing(config: TrainConfig, device) -> bool:
-    if config.gradient_checkpointing != "auto":
-        return config.gradient_checkpointing == "on"
-    if device.type != "cuda":
-        return False
-    plan = _PLAN_CACHE and next(iter(_PLAN_CACHE.values()))
-    return bool(getattr(plan, "checkpointing", False)) if plan else False
-
-
-def _check_budget(data: AltPOData, budget: int, batch_size: int) -> None:
-    """Every unit that must share a micro-batch has to fit the budget: check the worst case now."""
+def _largest_unit_tokens(data: AltPOData, batch_size: int) -> int:
+    """Tokens of the largest group that must share a micro-batch (a forget answer and its
+    alternates in one step), or of the longest retain row."""
     alts: dict[int, list[int]] = {}
     for p, q in enumerate(data.pair_question):
         alts.setdefault(q, []).append(len(data.alternates[p].input_ids))
     worst = max(len(data.forget[q].input_ids) + sum(sorted(lens, reverse=True)[:batch_size])
                 for q, lens in alts.items())
-    longest_retain = max((len(r.input_ids) for r in data.retain), default=0)
-    need = max(worst, longest_retain)
-    if need > budget:
-        raise UserError(
-            f"--tokens-per-microbatch {budget} is too small: a forget answer and its alternates must "
-            f"share a micro-batch and the largest such group has {need} tokens; raise "
-            f"--tokens-per-microbatch to at least {need}, or lower --max-length")
+    return max(worst, max((len(r.input_ids) for r in data.retain), default=0))
 
 
 @contextmanager
-def _explain_oom(config: TrainConfig, budget: int):
+def _explain_oom(config: TrainConfig, memory: _MemorySettings):
     try:
         yield
     except torch.OutOfMemoryError:
-        hints = [f"lower --tokens-per-microbatch (now {budget})"]
-        if config.gradient_checkpointing != "on":
+        hints = [f"lower --tokens-per-microbatch (now {memory.tokens_per_microbatch})"]
+        if memory.checkpointing == "none":
             hints.append("add --gradient-checkpointing on")
-        if config.master_weights == "fp32":
+        if memory.master_weights == "fp32":
             hints.append("use --master-weights kahan (2 bytes/param instead of 4)")
         if config.reference == "resident":
             hints.append("use --reference cached (no second model)")
@@ -741,6 +793,7 @@ def _summary_dict(result: TrainResult) -> dict:
         "reference_cache": str(result.reference_cache) if result.reference_cache else None,
         "reference_reused": result.reference_reused,
         "tokens_per_microbatch": result.tokens_per_microbatch,
+        "predicted_peak_bytes": result.predicted_peak_bytes,
         "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         "last_metrics": result.last_metrics,
     }
@@ -806,6 +859,10 @@ class _Printer:
             f"{result.wall_time_s:.1f} s, {result.tokens_per_second:.0f} tokens/s, peak memory "
             f"{_gib(result.peak_memory_bytes)}",
         ]
+        if result.predicted_peak_bytes is not None:
+            lines.append(f"  memory: predicted peak {_gib(result.predicted_peak_bytes)} (memory "
+                         f"plan), measured {_gib(result.peak_memory_bytes)} "
+                         "(torch.cuda.max_memory_allocated)")
         if m:
             lines.append(f"  last step: loss {m['loss']:.4f} = forget {m['forget_loss']:.4f} x "
                          f"gamma + retain {m['retain_loss']:.4f} x alpha; mean delta "

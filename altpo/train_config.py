@@ -68,11 +68,12 @@ class TrainConfig:
     batch_size: int = _s(32, "Forget pairs (alternate + forget answer) per optimizer step, over "
                          "all processes; as many random retain rows are added.", group="step",
                          metavar="N")
-    tokens_per_microbatch: str = _s("auto", "Token budget of one packed micro-batch. 'auto': "
-                                    "from the memory planner on a GPU; on a CPU (or without the "
-                                    f"planner) {DEFAULT_CPU_TOKENS_PER_MICROBATCH} on CPU and "
-                                    f"{DEFAULT_GPU_TOKENS_PER_MICROBATCH} on GPU.", group="step",
-                                    metavar="N|auto", kind="auto_int")
+    tokens_per_microbatch: str = _s("auto", "Token budget of one packed micro-batch (no "
+                                    "padding: sequences are concatenated). auto: on a GPU the "
+                                    "memory planner picks the largest budget that fits the free "
+                                    "memory (with the checkpointing and master-weights settings); "
+                                    f"on a CPU a fixed {DEFAULT_CPU_TOKENS_PER_MICROBATCH}.",
+                                    group="step", metavar="N|auto", kind="auto_int")
     beta: float = _s(0.5, "AltPO beta (inverse temperature of the preference term).", group="step")
     alpha: float = _s(2.0, "Weight of the retain NLL term.", group="step")
     gamma: float = _s(1.0, "Weight of the forget (preference) term.", group="step")
@@ -97,11 +98,15 @@ class TrainConfig:
                     group="optimisation", choices=("auto", "bf16", "fp32"))
     master_weights: str = _s("fp32", "Exact updates of bf16 weights: fp32 (fp32 master copy, +4 "
                              "bytes/param), kahan (Kahan-compensated bf16, +2 bytes/param), none "
-                             "(plain bf16 AdamW; small updates round away). No effect on fp32 "
-                             "weights.", group="optimisation", choices=("fp32", "kahan", "none"))
-    gradient_checkpointing: str = _s("auto", "Recompute activations in backward to save memory. "
-                                     "auto: the memory planner decides on a GPU; off on CPU.",
-                                     group="optimisation", choices=("auto", "on", "off"))
+                             "(plain bf16 AdamW; small updates round away), auto (the memory "
+                             "planner's choice on a GPU: fp32 if it fits, else kahan; fp32 "
+                             "elsewhere). No effect on fp32 weights.", group="optimisation",
+                             choices=("fp32", "kahan", "none", "auto"))
+    gradient_checkpointing: str = _s("auto", "Recompute each decoder layer in backward to save "
+                                     "activation memory: on, off, offload (as on, and the kept "
+                                     "layer inputs wait in pinned CPU memory), auto (the memory "
+                                     "planner decides on a GPU; off on a CPU).",
+                                     group="optimisation", choices=("auto", "on", "off", "offload"))
 
     # reference, kernels, device
     reference: str = _s("cached", "cached: reference log-probs computed once with the starting "

@@ -128,6 +128,7 @@ def forward_backward(loss_module: nn.Module, micro_batches: Sequence[MicroBatch]
                      num_pairs: float, num_retain_tokens: float, loss_scale: float = 1.0,
                      no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
                      device=None, before_forward: Callable[[MicroBatch], MicroBatch] | None = None,
+                     forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
                      ) -> StepStats:
     """Forward and backward of every micro-batch; gradients accumulate in the parameters.
 
@@ -135,7 +136,8 @@ def forward_backward(loss_module: nn.Module, micro_batches: Sequence[MicroBatch]
     each backward (DDP averages gradients over ranks; the step-level normalisers want their sum,
     so the trainer passes the world size). ``no_sync`` is DDP's ``no_sync``: all but the last
     micro-batch skip the gradient all-reduce. ``before_forward`` may rewrite a micro-batch on
-    the device (the resident reference fills in its log-probs there).
+    the device (the resident reference fills in its log-probs there). ``forward_context`` wraps
+    each forward (not the backward), e.g. to park saved activations in CPU memory.
     """
     sums = torch.zeros(6, dtype=torch.float64, device=device)
     tokens = sequences = pairs = 0
@@ -147,7 +149,8 @@ def forward_backward(loss_module: nn.Module, micro_batches: Sequence[MicroBatch]
         last = i == len(micro_batches) - 1
         ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
         with ctx:
-            out = loss_module(mb, num_pairs, num_retain_tokens)
+            with forward_context() if forward_context is not None else contextlib.nullcontext():
+                out = loss_module(mb, num_pairs, num_retain_tokens)
             (out.loss * loss_scale).backward()
         parts = [out.loss.detach(), out.forget_loss.detach(), out.retain_loss.detach(),
                  out.delta.sum(), out.win_logps.sum(), out.lose_logps.sum()]

@@ -122,3 +122,20 @@ def test_resume_after_sigterm_is_bit_exact(tofu_dir, model_dir, tmp_path):
     losses = lambda d: [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert losses(out) == losses(tmp_path / "whole")
     assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+
+
+def test_resident_reference_matches_the_cache(tofu_dir, model_dir, tmp_path):
+    """A frozen copy of the model scoring each step gives the cached run's trajectory."""
+    settings = dict(max_steps=3, lr=1e-2)
+    cached = train(TrainConfig(**base_settings(tofu_dir, model_dir, tmp_path / "c", **settings)))
+    resident = train(TrainConfig(**base_settings(tofu_dir, model_dir, tmp_path / "r",
+                                                 reference="resident", **settings)))
+    assert resident.reference_cache is None and not (tmp_path / "r" / "reference_logprobs.safetensors").exists()
+    # step 1: the policy is the reference and both score the same packed rows: delta is exactly 0
+    assert resident.history[0]["delta_mean"] == 0.0
+    for a, b in zip(cached.history, resident.history):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    wa = load_file(str(tmp_path / "c" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "r" / "model.safetensors"))
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5)

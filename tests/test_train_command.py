@@ -186,3 +186,67 @@ def test_out_of_memory_says_what_to_change(tofu_dir, model_dir, tmp_path, capsys
            "ran out of memory", "--tokens-per-microbatch (now 1024)",
            "--gradient-checkpointing on", "altpo-fast plan")
     assert not (out / "config.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# memory settings: flags, the planner on a GPU, defaults on a CPU
+
+
+def _tiny_data(tokens_per_sequence=(40, 60, 80)):
+    from altpo.tofu_data import AltPOData, EncodedQA
+
+    def seq(n):
+        return EncodedQA(list(range(n)), [-100] * (n // 2) + list(range(n // 2, n)))
+
+    forget = [seq(n) for n in tokens_per_sequence]
+    alternates = [seq(n + 5) for n in tokens_per_sequence for _ in range(3)]
+    pair_question = [q for q in range(len(forget)) for _ in range(3)]
+    return AltPOData(forget, alternates, pair_question, [seq(120), seq(30)])
+
+
+def test_memory_settings_follow_the_planner_on_a_gpu(monkeypatch):
+    from transformers import LlamaConfig
+
+    from altpo import memory_plan
+    from altpo.step_sampling import StepSampler
+    from altpo.train import _memory_settings
+
+    # Llama-3.2-1B's shape; no weights are made, the planner reads the config only
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                      num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                      tie_word_embeddings=True)
+    model = type("ConfigOnly", (), {"config": cfg})()
+    data = _tiny_data()
+    sampler = StepSampler(data.num_pairs, len(data.retain), 4, 0, data.pair_question)
+    need = 80 + 3 * 85  # the largest forget answer with its three alternates
+    free = 24 * 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * 2**30))
+    cuda = torch.device("cuda")
+    auto = TrainConfig(model="m", alternates="a", output="o", batch_size=4, dtype="bf16",
+                       master_weights="auto")
+    got = _memory_settings(auto, model, torch.bfloat16, cuda, data, sampler, None)
+    rows = sampler.rows(0)
+    step_tokens = sum(len(data.alternates[p].input_ids) for p in rows.step_pairs) + \
+        sum(len(data.forget[q].input_ids) for q in {data.pair_question[p] for p in rows.step_pairs}) + \
+        sum(len(data.retain[r].input_ids) for r in rows.step_retain)
+    want = memory_plan.plan_memory(cfg, free, master_weights="auto", optimizer_in_backward=False,
+                                   tokens_per_step=step_tokens, max_seq_len=need)
+    assert want.fits and got.plan is not None
+    assert (got.tokens_per_microbatch, got.checkpointing, got.master_weights) == (
+        want.tokens_per_microbatch, want.checkpointing_mode, want.master_weights)
+
+    # explicit flags win over the plan; a resumed run keeps its saved master-weights mode
+    fixed = TrainConfig(**{**auto.to_dict(), "tokens_per_microbatch": "4096",
+                           "gradient_checkpointing": "on"})
+    got = _memory_settings(fixed, model, torch.bfloat16, cuda, data, sampler, "kahan")
+    assert (got.tokens_per_microbatch, got.checkpointing, got.master_weights) == (4096, "layers", "kahan")
+
+    # a budget that cannot fit says so before any work, with the smallest budget that would
+    free = 6 * 2**30
+    with pytest.raises(UserError, match="does not fit.*smallest budget that fits"):
+        _memory_settings(auto, model, torch.bfloat16, cuda, data, sampler, None)
+
+    # on a CPU: fixed defaults, raised to the largest group when that is longer
+    got = _memory_settings(auto, model, torch.float32, torch.device("cpu"), data, sampler, None)
+    assert (got.tokens_per_microbatch, got.checkpointing, got.master_weights, got.plan) == (
+        2048, "none", "fp32", None)
