@@ -2,8 +2,10 @@
 
 Takes a finetuned causal LM, TOFU forget and retain splits and K alternate answers per forget
 question, and trains the model to prefer the alternates over the true forget answers while keeping
-the retain answers (DESIGN.md section 2). Writes a save_pretrained folder that loads with
-AutoModelForCausalLM.from_pretrained, plus metrics.jsonl, train_summary.json and checkpoints.
+the retain answers: L = gamma * (-2/beta) mean log sigmoid(beta * delta) + alpha * retain NLL.
+Writes a save_pretrained folder that loads with AutoModelForCausalLM.from_pretrained, plus
+metrics.jsonl, train_summary.json and (with --save-every, or on SIGTERM/Ctrl-C) checkpoints.
+Guide: docs/training.md.
 
 Settings come from, lowest precedence first: the defaults shown below, --preset, --config
 FILE.yaml (any setting, written as `setting_name: value`), and the flags on the command line.
@@ -11,9 +13,10 @@ Several processes: `torchrun --nproc-per-node N -m altpo.cli train ...` (data pa
 
 examples:
   altpo-fast train --preset tofu-llama-3.2-1b-forget10 --alternates alt.jsonl --output run1
-  altpo-fast train --model tiny-llama --data ../shared/data/tofu --forget-split forget01 \\
-      --retain-split retain99 --alternates alt5.json --output tiny-run --batch-size 8 \\
-      --max-steps 10 --lr 1e-3 --warmup-epochs 0
+  altpo-fast train --model tiny-tofu-model --data ../shared/data/tofu --forget-split forget01 \\
+      --retain-split retain99 --max-retain-rows 200 --batch-size 8 --epochs 2 --lr 1e-3 \\
+      --alternates ../shared/data/tofu/alternates/llama2-7b/forget01/alt5_seed_0.json \\
+      --output tiny-tofu-run
   altpo-fast train ... --resume      # continue after an interruption (SIGTERM/Ctrl-C save one)
 """
 

@@ -72,7 +72,8 @@ class TrainConfig:
                                     "padding: sequences are concatenated). auto: on a GPU the "
                                     "memory planner picks the largest budget that fits the free "
                                     "memory (with the checkpointing and master-weights settings); "
-                                    f"on a CPU a fixed {DEFAULT_CPU_TOKENS_PER_MICROBATCH}.",
+                                    f"on a CPU a fixed {DEFAULT_CPU_TOKENS_PER_MICROBATCH} (raised "
+                                    "to the largest forget group when that is longer).",
                                     group="step", metavar="N|auto", kind="auto_int")
     beta: float = _s(0.5, "AltPO beta (inverse temperature of the preference term).", group="step")
     alpha: float = _s(2.0, "Weight of the retain NLL term.", group="step")
@@ -84,7 +85,8 @@ class TrainConfig:
                        group="optimisation")
     max_steps: int | None = _s(None, "Stop after this many optimizer steps (overrides --epochs for "
                                "the schedule's length).", group="optimisation", metavar="N")
-    warmup_epochs: float = _s(1.0, "Linear warm-up length in epochs, then linear decay to 0.",
+    warmup_epochs: float = _s(1.0, "Linear warm-up length in epochs, then linear decay to 0 (HF's "
+                              "linear schedule: with warm-up, the first step's rate is 0).",
                               group="optimisation")
     weight_decay: float = _s(0.01, "AdamW weight decay (not applied to norm weights and biases).",
                              group="optimisation")
