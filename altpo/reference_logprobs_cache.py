@@ -42,7 +42,7 @@ def model_fingerprint(model) -> str:
     for name, t in sorted(model.state_dict().items()):
         t = t.detach()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())  # no extra copy
     return h.hexdigest()
 
 

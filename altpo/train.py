@@ -271,9 +271,11 @@ def _train(config: TrainConfig, dist: "_Distributed", on_step) -> TrainResult:
             t0 = time.perf_counter()
             rows = sampler.rows(step, dist.rank, dist.world)
             units = forget_units(data, rows.pairs, *((ref.alternates, ref.forget) if ref else ()))
-            units += retain_units(data, rows.retain)
+            if config.alpha > 0:  # with alpha 0 the retain rows would cost compute for nothing
+                units += retain_units(data, rows.retain)
             micro_batches = pack_micro_batches(units, budget)
-            num_retain_tokens = sum(num_loss_tokens(data.retain[r].labels) for r in rows.step_retain)
+            num_retain_tokens = (sum(num_loss_tokens(data.retain[r].labels) for r in rows.step_retain)
+                                 if config.alpha > 0 else 0)
 
             stats = forward_backward(
                 step_module, micro_batches, num_pairs=len(rows.step_pairs),
