@@ -145,3 +145,28 @@ def test_sequence_logprobs_match_stock_forward(model_dir):
             mask = target != -100
             want = (torch.log_softmax(logits, -1).gather(1, target.clamp(min=0)[:, None])[:, 0] * mask).sum()
             assert float(got[i]) == pytest.approx(float(want), rel=1e-5, abs=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["layers", "offload"])
+def test_activation_checkpointing_gives_the_same_step(model_dir, mode):
+    """Recomputing each layer in backward (and parking its inputs on the CPU) changes no number."""
+    from altpo.activation_checkpointing import enable_activation_checkpointing, offload_saved_tensors
+
+    units = _units(int(torch.randint(0, 2**31 - 1, (1,))))
+    num_pairs, num_retain_tokens = step_normalisers(units)
+    mbs = pack_micro_batches(units, max(u.num_tokens for u in units) + 8)
+    results = []
+    for checkpointing in ("none", mode):
+        model = _load(model_dir)
+        enable_packed_attention(model, "sdpa")
+        model.train()
+        if checkpointing != "none":
+            enable_activation_checkpointing(model, checkpointing)
+        context = (lambda: offload_saved_tensors(True, "cpu")) if checkpointing == "offload" else None
+        stats = forward_backward(PackedAltPOLoss(model, loss_backend="torch"), mbs,
+                                 num_pairs=num_pairs, num_retain_tokens=num_retain_tokens,
+                                 forward_context=context)
+        results.append((stats.loss, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], g, rtol=1e-5, atol=1e-7)
