@@ -69,7 +69,7 @@ from .train_config import (
     TRAJECTORY_SETTINGS,
     TrainConfig,
 )
-from .train_step import PackedAltPOLoss, StepStats, forward_backward, sequence_logprobs
+from .train_step import PackedAltPOLoss, StepStats, forward_backward
 
 REF_CACHE_NAME = "reference_logprobs.safetensors"
 METRICS_NAME = "metrics.jsonl"
