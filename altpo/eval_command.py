@@ -18,8 +18,7 @@ import os
 from pathlib import Path
 
 from .cli import UserError
-from .pretrained_loading import DEVICES, DTYPES, check_model_source, load_model_and_tokenizer
-from .tofu_data import DEFAULT_DATE_STRING, DEFAULT_SYSTEM_PROMPT
+from .pretrained_loading import add_model_arguments, check_model_source, load_model_and_tokenizer
 
 GROUPS = ("forget", "retain", "ra", "wf", "mia", "gradnorm", "memorization")
 
@@ -48,13 +47,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-rows", type=int, default=None,
                         help="use only the first N rows of every split (a quick check, not comparable "
                         "with published numbers)")
-    parser.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} or cuda:N (default auto)")
-    parser.add_argument("--dtype", default="auto", choices=DTYPES,
-                        help="model weights dtype (default auto: bfloat16 on a GPU, float32 on the CPU)")
-    parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
-                        help=f"chat template system prompt ('' for none; default {DEFAULT_SYSTEM_PROMPT!r})")
-    parser.add_argument("--date-string", default=DEFAULT_DATE_STRING,
-                        help=f"chat template date string (default {DEFAULT_DATE_STRING!r})")
+    add_model_arguments(parser)
     parser.add_argument("--overwrite", action="store_true",
                         help="replace TOFU_EVAL.json / TOFU_SUMMARY.json already in --output")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

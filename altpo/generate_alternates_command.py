@@ -26,8 +26,8 @@ from .alternates_generation import (
     generate_alternates,
 )
 from .cli import UserError
-from .pretrained_loading import DEVICES, DTYPES, check_model_source, load_model_and_tokenizer
-from .tofu_data import DEFAULT_DATE_STRING, DEFAULT_SYSTEM_PROMPT, ChatFormat, load_tofu_split
+from .pretrained_loading import add_model_arguments, check_model_source, load_model_and_tokenizer
+from .tofu_data import ChatFormat, load_tofu_split
 
 
 def add_arguments(parser) -> None:
@@ -50,13 +50,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-retries", type=int, default=5,
                         help="rounds of resampling for alternates that repeat the true answer (default 5)")
     parser.add_argument("--max-rows", type=int, default=None, help="only the first N forget questions (quick runs)")
-    parser.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} or cuda:N (default auto)")
-    parser.add_argument("--dtype", default="auto", choices=DTYPES,
-                        help="model weights dtype (default auto: bfloat16 on a GPU, float32 on the CPU)")
-    parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
-                        help=f"chat template system prompt ('' for none; default {DEFAULT_SYSTEM_PROMPT!r})")
-    parser.add_argument("--date-string", default=DEFAULT_DATE_STRING,
-                        help=f"chat template date string (default {DEFAULT_DATE_STRING!r})")
+    add_model_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

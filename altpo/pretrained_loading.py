@@ -80,3 +80,16 @@ def load_model_and_tokenizer(source: str, *, device: str = "auto", dtype: str = 
     model.to(dev)
     model.eval()
     return model, tokenizer
+
+
+def add_model_arguments(parser) -> None:
+    """The flags every command that loads a model for inference shares: device, dtype, template."""
+    from .tofu_data import DEFAULT_DATE_STRING, DEFAULT_SYSTEM_PROMPT
+
+    parser.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} or cuda:N (default auto)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="model weights dtype (default auto: bfloat16 on a GPU, float32 on the CPU)")
+    parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
+                        help=f"chat template system prompt ('' for none; default {DEFAULT_SYSTEM_PROMPT!r})")
+    parser.add_argument("--date-string", default=DEFAULT_DATE_STRING,
+                        help=f"chat template date string (default {DEFAULT_DATE_STRING!r})")
