@@ -366,6 +366,25 @@ class SyntheticTofu:
     forget_percents: tuple[int, ...]
     questions_per_author: int
 
+    def made_up_answers(self, question: str, count: int, seed: int = 0) -> list[str]:
+        """``count`` answers to an author ``question`` in its answer's wording, each with a
+        different wrong fact of the right kind (another city, another date, ...).
+
+        These are what an instruction-following model writes when asked to answer with changed
+        facts; the demo teaches that skill to its tiny model on retain authors.
+        """
+        found = None
+        for author in self.authors + self.holdout_authors:
+            for kind in _FACT_KINDS[:self.questions_per_author]:
+                if question in (q.format(name=author.name) for q in kind.questions):
+                    found = author, kind
+        if found is None:
+            raise ValueError(f"not a question of this data set: {question!r}")
+        author, kind = found
+        rng = random.Random(f"altpo-synthetic-made-up:{seed}:{question}")
+        return [kind.answer.format(value=v, name=author.name)
+                for v in _wrong_values(rng, author, kind.key, count)]
+
     def write(self, folder: str | Path) -> Path:
         """Write every split as JSON Lines ``<stem>.json`` (and the profiles) into ``folder``."""
         folder = Path(folder)

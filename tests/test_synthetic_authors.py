@@ -176,3 +176,19 @@ def test_bad_sizes_are_refused():
         build_synthetic_tofu(num_authors=10, questions_per_author=MAX_QUESTIONS_PER_AUTHOR + 1)
     with pytest.raises(ValueError, match="only 30 facts"):
         build_synthetic_tofu(num_authors=10, num_world_facts=31)
+
+
+def test_made_up_answers_keep_the_wording_and_change_the_fact(written):
+    folder, data = written
+    profiles = {p["name"]: p for p in _read(folder / "synthetic_authors.jsonl")}
+    for row in _read(folder / "retain90.json")[:6] + _read(folder / "holdout10.json")[:6]:
+        made_up = data.made_up_answers(row["question"], 4, seed=5)
+        assert made_up == data.made_up_answers(row["question"], 4, seed=5)
+        assert len(set(made_up)) == 4 and row["answer"] not in made_up
+        name = next(n for n in profiles if n in row["question"])
+        # same wording up to the fact: the answer's text before its first differing character
+        for answer in made_up:
+            common = next(i for i, (a, b) in enumerate(zip(answer, row["answer"])) if a != b)
+            assert name in answer and common >= min(len(row["answer"]) // 3, 10)
+    with pytest.raises(ValueError, match="not a question"):
+        data.made_up_answers("Who wrote the demo?", 2)
