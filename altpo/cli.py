@@ -17,6 +17,7 @@ COMMANDS = {
     "train": "altpo.train_command",
     "eval": "altpo.eval_command",
     "generate-alternates": "altpo.generate_alternates_command",
+    "demo": "altpo.demo_command",
 }
 
 
