@@ -45,16 +45,23 @@ def _spans(numel: int, chunk: int) -> list[tuple[int, int]]:
     return [(a, min(numel, a + chunk)) for a in range(0, max(numel, 1), chunk)] if numel else []
 
 
-def global_grad_norm(grads: list[torch.Tensor], chunk_numel: int = OPTIMIZER_CHUNK_NUMEL) -> torch.Tensor:
-    """The L2 norm of all ``grads`` together, accumulated in fp32, chunk by chunk (0-dim fp32)."""
-    parts = []
-    for g in grads:
-        flat = g.reshape(-1)
-        for a, b in _spans(flat.numel(), chunk_numel):
-            parts.append(torch.linalg.vector_norm(flat[a:b], dtype=torch.float32))
+def grad_norm_parts(grad: torch.Tensor, chunk_numel: int = OPTIMIZER_CHUNK_NUMEL) -> list[torch.Tensor]:
+    """The fp32 L2 norms of one gradient's chunks (what :func:`global_grad_norm` combines)."""
+    flat = grad.reshape(-1)
+    return [torch.linalg.vector_norm(flat[a:b], dtype=torch.float32)
+            for a, b in _spans(flat.numel(), chunk_numel)]
+
+
+def combine_norm_parts(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of chunk norms taken in parameter order (0-dim fp32)."""
     if not parts:
         return torch.zeros(())
     return torch.linalg.vector_norm(torch.stack(parts))
+
+
+def global_grad_norm(grads: list[torch.Tensor], chunk_numel: int = OPTIMIZER_CHUNK_NUMEL) -> torch.Tensor:
+    """The L2 norm of all ``grads`` together, accumulated in fp32, chunk by chunk (0-dim fp32)."""
+    return combine_norm_parts([part for g in grads for part in grad_norm_parts(g, chunk_numel)])
 
 
 def clip_coefficient(norm: torch.Tensor, max_norm: float | None) -> torch.Tensor | None:
@@ -144,21 +151,48 @@ class MixedPrecisionAdamW:
         coef = clip_coefficient(norm, max_grad_norm)
         if coef is not None:
             coef = coef.to(self.params[0].device)
-        if self.mode == "kahan":
-            self._kahan_step(lr, coef)
-        elif self.mode == "fp32":
-            self._master_step(lr, coef)
-        else:
-            if coef is not None:
-                torch._foreach_mul_([p.grad for p in self.params], coef)
-            for group in self.inner.param_groups:
-                group["lr"] = lr
-            self.inner.step()
-            self.zero_grad()
+        self.begin_update()
+        self.update_parameters(range(len(self.params)), lr, coef)
         return float(norm)
 
+    def begin_update(self) -> None:
+        """Start one optimizer step whose parameters are then updated by :meth:`update_parameters`
+        (possibly a few at a time, as backward completes their gradients)."""
+        if self.mode == "kahan":
+            self.step_count += 1
+
+    def update_parameters(self, indices, lr: float, coef: torch.Tensor | None) -> None:
+        """Update the parameters at ``indices`` (positions in ``self.params``) from their
+        gradients, scaled by the clipping factor ``coef`` (None: no clipping), and free those
+        gradients. Called once per parameter per step, after :meth:`begin_update`; AdamW is
+        per-parameter, so updating in groups gives the same weights as updating all at once."""
+        indices = list(indices)
+        if not indices:
+            return
+        if self.mode == "kahan":
+            self._kahan_step(lr, coef, indices)
+        elif self.mode == "fp32":
+            self._master_step(lr, coef, indices)
+        else:
+            grads = [self.params[i].grad for i in indices]
+            if coef is not None:
+                torch._foreach_mul_(grads, coef)
+            for group in self.inner.param_groups:
+                group["lr"] = lr
+            # torch's AdamW steps every parameter holding a gradient: hide the partial gradients
+            # of parameters whose backward is not finished (the tied embedding's, in backward)
+            chosen = set(indices)
+            hidden = {i: p.grad for i, p in enumerate(self.params) if i not in chosen and p.grad is not None}
+            for i in hidden:
+                self.params[i].grad = None
+            self.inner.step()
+            for i in indices:
+                self.params[i].grad = None
+            for i, g in hidden.items():
+                self.params[i].grad = g
+
     @torch.no_grad()
-    def _master_step(self, lr: float, coef) -> None:
+    def _master_step(self, lr: float, coef, indices) -> None:
         for group in self.inner.param_groups:
             group["lr"] = lr
         pending: list[tuple[torch.Tensor, int, int, torch.Tensor]] = []
@@ -171,7 +205,8 @@ class MixedPrecisionAdamW:
                 m.grad = None
             pending.clear()
 
-        for p, spans, chunks in zip(self.params, self.spans, self.master):
+        for i in indices:
+            p, spans, chunks = self.params[i], self.spans[i], self.master[i]
             flat = p.grad.reshape(-1)
             for (a, b), m in zip(spans, chunks):
                 m.grad = flat[a:b].float()
@@ -187,13 +222,14 @@ class MixedPrecisionAdamW:
             flush()
 
     @torch.no_grad()
-    def _kahan_step(self, lr: float, coef) -> None:
-        self.step_count += 1
+    def _kahan_step(self, lr: float, coef, indices) -> None:
         b1, b2 = self.betas
         bias1 = 1 - b1 ** self.step_count
         bias2_sqrt = math.sqrt(1 - b2 ** self.step_count)
-        for p, spans, m_full, v_full, c_full, decay in zip(
-                self.params, self.spans, self.exp_avg, self.exp_avg_sq, self.compensation, self.decay):
+        for i in indices:
+            p, spans, m_full, v_full, c_full, decay = (
+                self.params[i], self.spans[i], self.exp_avg[i], self.exp_avg_sq[i],
+                self.compensation[i], self.decay[i])
             flat_p, flat_g = p.view(-1), p.grad.reshape(-1)
             flat_m, flat_v, flat_c = m_full.view(-1), v_full.view(-1), c_full.view(-1)
             for a, b in spans:

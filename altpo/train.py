@@ -44,6 +44,7 @@ from .checkpoint import (
 )
 from .cli import UserError
 from .master_weights import MixedPrecisionAdamW, NonFiniteGradientError
+from .optimizer_in_backward import optimizer_step_in_backward
 from .packing import UnitTooLongError, forget_units, num_loss_tokens, pack_micro_batches, retain_units
 from .reference_logprobs_cache import (
     ReferenceLogprobs,
@@ -178,11 +179,17 @@ def _train(config: TrainConfig, dist: "_Distributed", on_step) -> TrainResult:
     dtype = _train_dtype(config.dtype, dist.device)
     model, model_hash = _load_model(config, dtype, need_hash=config.reference == "cached")
     saved_mode = _checkpoint_master_mode(resume_from)
-    memory = _memory_settings(config, model, dtype, dist.device, data, sampler, saved_mode)
+    memory = _memory_settings(config, model, dtype, dist.device, data, sampler, saved_mode,
+                              dist.world)
     with _explain_oom(config, memory):
         model.to(dist.device)
     attention = _enable_packed_attention(model, config.attention)
     budget = memory.tokens_per_microbatch
+    if memory.optimizer_in_backward and dist.world > 1:
+        raise UserError("--optimizer-in-backward on does not work with several processes: DDP "
+                        "all-reduces gradients in one backward of the whole model, while the "
+                        "update in backward needs each layer's gradient reduced before its update; "
+                        "use --optimizer-in-backward off under torchrun")
     if memory.checkpointing != "none":
         from .activation_checkpointing import enable_activation_checkpointing
 
@@ -190,7 +197,8 @@ def _train(config: TrainConfig, dist: "_Distributed", on_step) -> TrainResult:
     say(f"model {config.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
         f"{str(dtype).replace('torch.', '')} on {dist.device}, attention {attention}, "
         f"{budget} tokens per micro-batch, checkpointing {memory.checkpointing}, master weights "
-        f"{memory.master_weights}, {dist.world} process(es)")
+        f"{memory.master_weights}, optimizer in backward "
+        f"{'on' if memory.optimizer_in_backward else 'off'}, {dist.world} process(es)")
     if memory.plan is not None:
         say(f"memory plan: predicted peak {_gib(memory.plan.predicted_allocated_bytes)} of "
             f"{_gib(memory.plan.gpu_memory_bytes)} free ({memory.source})")
@@ -277,22 +285,35 @@ def _train(config: TrainConfig, dist: "_Distributed", on_step) -> TrainResult:
             num_retain_tokens = (sum(num_loss_tokens(data.retain[r].labels) for r in rows.step_retain)
                                  if config.alpha > 0 else 0)
 
-            stats = forward_backward(
-                step_module, micro_batches, num_pairs=len(rows.step_pairs),
-                num_retain_tokens=num_retain_tokens, loss_scale=float(dist.world), no_sync=no_sync,
-                device=dist.device, before_forward=fill_reference,
-                forward_context=memory.forward_context(dist.device))
-            stats, stop_requested = dist.sum_stats(stats, stop.requested)
-
             lr = lr_at(step)
-            try:
-                if not math.isfinite(stats.loss):
-                    optimizer.zero_grad()
-                    raise NonFiniteGradientError(float("nan"))
-                stats.grad_norm = optimizer.step(lr, config.max_grad_norm)
-            except NonFiniteGradientError as err:
-                raise NonFiniteLossError(
-                    _non_finite_message(step + 1, stats, err.norm, last_checkpoint)) from None
+            if memory.optimizer_in_backward:
+                # one process only (checked above): forwards, then the update inside backward
+                try:
+                    stats = optimizer_step_in_backward(
+                        loss_module, optimizer, micro_batches, num_pairs=len(rows.step_pairs),
+                        num_retain_tokens=num_retain_tokens, lr=lr,
+                        max_grad_norm=config.max_grad_norm, device=dist.device,
+                        before_forward=fill_reference,
+                        forward_context=memory.forward_context(dist.device))
+                except NonFiniteGradientError as err:
+                    raise NonFiniteLossError(_non_finite_message(
+                        step + 1, err.stats, err.norm, last_checkpoint)) from None
+                stop_requested = stop.requested
+            else:
+                stats = forward_backward(
+                    step_module, micro_batches, num_pairs=len(rows.step_pairs),
+                    num_retain_tokens=num_retain_tokens, loss_scale=float(dist.world),
+                    no_sync=no_sync, device=dist.device, before_forward=fill_reference,
+                    forward_context=memory.forward_context(dist.device))
+                stats, stop_requested = dist.sum_stats(stats, stop.requested)
+                try:
+                    if not math.isfinite(stats.loss):
+                        optimizer.zero_grad()
+                        raise NonFiniteGradientError(float("nan"))
+                    stats.grad_norm = optimizer.step(lr, config.max_grad_norm)
+                except NonFiniteGradientError as err:
+                    raise NonFiniteLossError(
+                        _non_finite_message(step + 1, stats, err.norm, last_checkpoint)) from None
 
             step_time = time.perf_counter() - t0
             tokens_done += stats.num_tokens
@@ -440,6 +461,7 @@ class _MemorySettings:
     tokens_per_microbatch: int
     checkpointing: str          # none | layers | offload
     master_weights: str         # fp32 | kahan | none
+    optimizer_in_backward: bool = False
     plan: object = None         # altpo.memory_plan.MemoryPlan when the planner was used
     source: str = "settings"
 
@@ -462,7 +484,7 @@ def _checkpoint_master_mode(checkpoint: Path | None) -> str | None:
 
 
 def _memory_settings(config: TrainConfig, model, dtype, device, data, sampler,
-                     saved_master_mode: str | None) -> _MemorySettings:
+                     saved_master_mode: str | None, world: int = 1) -> _MemorySettings:
     """Token budget, checkpointing and master weights: the flags, else the planner, else defaults.
 
     The planner (``altpo.memory_plan``) runs on a CUDA device when any of the three is ``auto``,
@@ -476,15 +498,19 @@ def _memory_settings(config: TrainConfig, model, dtype, device, data, sampler,
     if master == "auto" and saved_master_mode is not None:
         master = saved_master_mode
     checkpointing = _CHECKPOINTING.get(config.gradient_checkpointing, "auto")
-    wants_plan = "auto" in (checkpointing, master) or fixed_tokens is None
+    in_backward = {"on": True, "off": False}.get(config.optimizer_in_backward, "auto")
+    if in_backward == "auto" and world > 1:
+        in_backward = False  # the update in backward is single-process (see optimizer_in_backward)
+    wants_plan = "auto" in (checkpointing, master, in_backward) or fixed_tokens is None
     plan = None
     if wants_plan and device.type == "cuda":
         plan = _plan_memory(config, model, dtype, device, data, sampler, need, fixed_tokens,
-                            checkpointing, master)
+                            checkpointing, master, in_backward)
     if plan is not None:
         tokens = fixed_tokens or plan.tokens_per_microbatch
         checkpointing = plan.checkpointing_mode if checkpointing == "auto" else checkpointing
         master = plan.master_weights if master == "auto" else master
+        in_backward = plan.optimizer_in_backward if in_backward == "auto" else in_backward
         source = "altpo.memory_plan"
     else:
         tokens = fixed_tokens or (DEFAULT_GPU_TOKENS_PER_MICROBATCH if device.type == "cuda"
@@ -492,29 +518,37 @@ def _memory_settings(config: TrainConfig, model, dtype, device, data, sampler,
         tokens = max(tokens, need) if fixed_tokens is None else tokens
         checkpointing = "none" if checkpointing == "auto" else checkpointing
         master = "fp32" if master == "auto" else master
+        in_backward = False if in_backward == "auto" else in_backward
         source = "defaults"
     if need > tokens:
         raise UserError(
             f"--tokens-per-microbatch {tokens} is too small: a forget answer and its alternates must "
             f"share a micro-batch and the largest such group has {need} tokens; raise "
             f"--tokens-per-microbatch to at least {need}, or lower --max-length")
-    return _MemorySettings(tokens, checkpointing, master, plan, source)
+    return _MemorySettings(tokens, checkpointing, master, bool(in_backward), plan, source)
 
 
 def _plan_memory(config, model, dtype, device, data, sampler, need, fixed_tokens, checkpointing,
-                 master):
+                 master, in_backward):
     try:
         from . import memory_plan
     except ImportError:  # the planner is optional: defaults apply without it
         return None
     free = int(torch.cuda.mem_get_info(device)[0])
-    rows = sampler.rows(0)
-    units = forget_units(data, rows.step_pairs) + retain_units(data, rows.step_retain)
+    # tokens of one step: the largest of the first epoch's steps (the update in backward keeps
+    # every micro-batch's activations of a step, so a step above the plan's would not fit)
+    tokens_per_step = 0
+    for step in range(min(sampler.steps_per_epoch, 256)):
+        rows = sampler.rows(step)
+        units = forget_units(data, rows.step_pairs)
+        if config.alpha > 0:
+            units += retain_units(data, rows.step_retain)
+        tokens_per_step = max(tokens_per_step, sum(u.num_tokens for u in units))
     try:
         plan = memory_plan.plan_memory(
             model.config, free, tokens_per_microbatch=fixed_tokens or "auto",
             checkpointing=checkpointing, master_weights=master, reference=config.reference,
-            optimizer_in_backward=False, tokens_per_step=sum(u.num_tokens for u in units),
+            optimizer_in_backward=in_backward, tokens_per_step=max(tokens_per_step, need),
             max_seq_len=need, weight_dtype="bf16" if dtype == torch.bfloat16 else "fp32")
     except ValueError as err:
         raise UserError(f"memory plan: {err}") from None
@@ -526,8 +560,8 @@ def _plan_memory(config, model, dtype, device, data, sampler, need, fixed_tokens
         raise UserError(
             f"the memory plan does not fit: it needs {_gib(plan.total_bytes)} and {device} has "
             f"{_gib(free)} free{smallest}{notes}. Run `altpo-fast plan --model {config.model}` "
-            "for the table, or set --tokens-per-microbatch, --gradient-checkpointing and "
-            "--master-weights yourself")
+            "for the table, or set --tokens-per-microbatch, --gradient-checkpointing, "
+            "--master-weights and --optimizer-in-backward yourself")
     return plan
 
 
@@ -552,6 +586,8 @@ def _explain_oom(config: TrainConfig, memory: _MemorySettings):
             hints.append("add --gradient-checkpointing on")
         if memory.master_weights == "fp32":
             hints.append("use --master-weights kahan (2 bytes/param instead of 4)")
+        if not memory.optimizer_in_backward:
+            hints.append("add --optimizer-in-backward on (no whole-model gradients)")
         if config.reference == "resident":
             hints.append("use --reference cached (no second model)")
         hints.append("run `altpo-fast plan` to see what fits")

@@ -109,6 +109,16 @@ class TrainConfig:
                                      "layer inputs wait in pinned CPU memory), auto (the memory "
                                      "planner decides on a GPU; off on a CPU).",
                                      group="optimisation", choices=("auto", "on", "off", "offload"))
+    optimizer_in_backward: str = _s("auto", "Update each parameter inside backward, as soon as its "
+                                    "gradient is complete, and free that gradient: a step holds one "
+                                    "decoder layer's gradients instead of the whole model's (2 "
+                                    "bytes/param less in bf16). Every micro-batch runs forward first, "
+                                    "then backward goes layer by layer; with gradient clipping on, "
+                                    "backward runs twice (the first pass only measures the norm), so "
+                                    "a step costs one extra backward. Same weights as off, to "
+                                    "rounding. on, off, auto (the memory planner decides on a GPU; "
+                                    "off on a CPU). Not with several processes (torchrun).",
+                                    group="optimisation", choices=("auto", "on", "off"))
 
     # reference, kernels, device
     reference: str = _s("cached", "cached: reference log-probs computed once with the starting "

@@ -225,15 +225,37 @@ def test_memory_settings_follow_the_planner_on_a_gpu(monkeypatch):
     auto = TrainConfig(model="m", alternates="a", output="o", batch_size=4, dtype="bf16",
                        master_weights="auto")
     got = _memory_settings(auto, model, torch.bfloat16, cuda, data, sampler, None)
-    rows = sampler.rows(0)
-    step_tokens = sum(len(data.alternates[p].input_ids) for p in rows.step_pairs) + \
-        sum(len(data.forget[q].input_ids) for q in {data.pair_question[p] for p in rows.step_pairs}) + \
-        sum(len(data.retain[r].input_ids) for r in rows.step_retain)
-    want = memory_plan.plan_memory(cfg, free, master_weights="auto", optimizer_in_backward=False,
-                                   tokens_per_step=step_tokens, max_seq_len=need)
+
+    def step_tokens(step):
+        rows = sampler.rows(step)
+        return (sum(len(data.alternates[p].input_ids) for p in rows.step_pairs)
+                + sum(len(data.forget[q].input_ids) for q in {data.pair_question[p] for p in rows.step_pairs})
+                + sum(len(data.retain[r].input_ids) for r in set(rows.step_retain)))  # a row drawn twice runs once
+
+    # the planner sees the largest step of the first epoch
+    largest_step = max(step_tokens(s) for s in range(sampler.steps_per_epoch))
+    want = memory_plan.plan_memory(cfg, free, master_weights="auto", optimizer_in_backward="auto",
+                                   tokens_per_step=largest_step, max_seq_len=need)
     assert want.fits and got.plan is not None
-    assert (got.tokens_per_microbatch, got.checkpointing, got.master_weights) == (
-        want.tokens_per_microbatch, want.checkpointing_mode, want.master_weights)
+    assert (got.tokens_per_microbatch, got.checkpointing, got.master_weights,
+            got.optimizer_in_backward) == (want.tokens_per_microbatch, want.checkpointing_mode,
+                                           want.master_weights, want.optimizer_in_backward)
+    assert got.plan.settings["tokens_per_step"] == largest_step
+
+    # 16 GiB free: the fp32 AdamW states fit only with the update inside backward, and the
+    # trainer runs it (issue 4's promise); --optimizer-in-backward off then cannot fit
+    free = 16 * 2**30
+    got = _memory_settings(auto, model, torch.bfloat16, cuda, data, sampler, None)
+    assert got.optimizer_in_backward and got.plan.fits and got.plan.optimizer_in_backward
+    assert got.checkpointing == got.plan.checkpointing_mode and got.master_weights == "kahan"
+    off = TrainConfig(**{**auto.to_dict(), "optimizer_in_backward": "off"})
+    with pytest.raises(UserError, match="does not fit"):
+        _memory_settings(off, model, torch.bfloat16, cuda, data, sampler, None)
+    # several processes: auto never picks it
+    free = 24 * 2**30
+    got = _memory_settings(auto, model, torch.bfloat16, cuda, data, sampler, None, world=2)
+    assert not got.optimizer_in_backward and not got.plan.optimizer_in_backward
+    free = 24 * 2**30
 
     # explicit flags win over the plan; a resumed run keeps its saved master-weights mode
     fixed = TrainConfig(**{**auto.to_dict(), "tokens_per_microbatch": "4096",
@@ -248,5 +270,5 @@ def test_memory_settings_follow_the_planner_on_a_gpu(monkeypatch):
 
     # on a CPU: fixed defaults, raised to the largest group when that is longer
     got = _memory_settings(auto, model, torch.float32, torch.device("cpu"), data, sampler, None)
-    assert (got.tokens_per_microbatch, got.checkpointing, got.master_weights, got.plan) == (
-        2048, "none", "fp32", None)
+    assert (got.tokens_per_microbatch, got.checkpointing, got.master_weights, got.plan,
+            got.optimizer_in_backward) == (2048, "none", "fp32", None, False)
