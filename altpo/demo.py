@@ -527,10 +527,17 @@ def plot_summary(summary: dict, path: Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
 
     ax = axes[0, 0]
-    ax.plot(curves["finetune_full_loss"], label="full model", lw=1)
-    ax.plot(curves["finetune_retain_loss"], label=f"retain model ({summary['retain_split']})", lw=1)
+    epochs = summary["preset_config"]["finetune_epochs"]
+    for key, label in (("finetune_full_loss", "full model"),
+                       ("finetune_retain_loss", f"retain model ({summary['retain_split']})")):
+        # per-epoch means: batches are grouped by length, so single steps alternate between
+        # memorised answers (tiny loss) and made-up answers (a loss that cannot go to zero)
+        losses = curves[key]
+        per = max(1, len(losses) // epochs)
+        means = [sum(losses[i:i + per]) / len(losses[i:i + per]) for i in range(0, len(losses), per)]
+        ax.plot(range(1, len(means) + 1), means, label=label, lw=1.5)
     ax.set_yscale("log")
-    ax.set(title="fine-tuning: answer-token NLL", xlabel="step", ylabel="loss")
+    ax.set(title="fine-tuning: answer-token NLL (epoch mean)", xlabel="epoch", ylabel="loss")
     ax.legend()
 
     ax = axes[0, 1]
