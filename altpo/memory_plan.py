@@ -39,8 +39,8 @@ a varlen/flash attention kernel, which saves no [T, T] matrix):
                           (torch.autograd.graph.save_on_cpu); on the GPU: 2*b*H + A_final per token
 
 Retained activations cover T tokens when gradients are accumulated over micro-batches, and all S
-tokens of the step when the optimizer steps inside backward (one backward per optimizer step:
-every micro-batch's forward runs first).
+tokens of the step when the optimizer steps inside backward (every micro-batch's forward runs
+first, then backward goes stage by stage: see ``altpo.optimizer_in_backward``).
 
 Loss workspace (altpo_kernels' fused loss backward): an fp32 dW accumulator for one band of
 ``LOSS_DW_BAND_ROWS`` vocabulary rows (Bv*H*4; the kernels sum dW band by band), the dW result
@@ -679,9 +679,10 @@ def plan_memory(
     if s["optimizer_in_backward"]:
         notes.append(
             "optimizer in backward: each parameter is stepped and its gradient freed as soon as "
-            "backward completes it; every micro-batch of a step runs forward first and one backward "
-            "follows (no gradient accumulation). Clipping by the global gradient norm needs a norm "
-            "pass before the update (an extra backward) or is off"
+            "backward completes it; every micro-batch of a step runs forward first, then backward "
+            "goes layer by layer over all micro-batches (no gradient accumulation). Exact clipping "
+            "by the global gradient norm costs one extra backward (a norm-only first pass); "
+            "single process only (altpo.optimizer_in_backward)"
         )
     if s["checkpointing"] == "offload":
         notes.append(
