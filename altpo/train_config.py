@@ -279,6 +279,9 @@ def convert_value(name: str, value: Any, source: str) -> Any:
             if text == "auto":
                 return "auto"
             return str(int(text))
+        choices = f.metadata.get("choices") or ()
+        if isinstance(value, bool) and "on" in choices:
+            return "on" if value else "off"  # YAML reads a bare on/off as a boolean
         return str(value)
     except (TypeError, ValueError):
         expected = {"bool": "true or false", "int": "an integer", "float": "a number",

@@ -188,3 +188,18 @@ def test_trainer_resume_is_bit_exact_with_the_update_in_backward(tofu_dir, tmp_p
         assert float((diff > 1e-2 * c[name].float().abs() + 1e-6).float().mean()) < 0.01, name
     losses = [r["loss"] for r in off.history]
     assert [r["loss"] for r in whole.history] == pytest.approx(losses, rel=1e-2)
+
+
+def test_setting_reads_on_off_from_yaml_and_flags(tmp_path):
+    """YAML reads a bare on/off as a boolean; the setting must still come out as on/off."""
+    from altpo.train_config import TrainConfig, convert_value, resolve_config
+
+    for text in ("on", "off", "auto"):
+        path = tmp_path / f"{text}.yaml"
+        path.write_text(f"optimizer-in-backward: {text}\n")
+        assert resolve_config({}, config_file=path).optimizer_in_backward == text
+        assert convert_value("optimizer_in_backward", text, "--optimizer-in-backward") == text
+    from altpo.cli import UserError
+
+    with pytest.raises(UserError, match="optimizer-in-backward must be one of auto, on, off"):
+        TrainConfig(model="m", alternates="a", output="o", optimizer_in_backward="yes").validate()
