@@ -52,7 +52,7 @@ from .master_weights import (
     grad_norm_parts,
 )
 from .packing import MicroBatch
-from .train_step import PackedAltPOLoss, StepStats, backbone, output_weight
+from .train_step import PackedAltPOLoss, StepStats, StepStatsSum, backbone, output_weight
 
 
 class _Boundary:
@@ -188,8 +188,7 @@ def optimizer_step_in_backward(
     model = loss_module.model
     stages = _parameter_stages(model, optimizer)
     losses, anchors = [], []
-    sums = torch.zeros(6, dtype=torch.float64, device=device)
-    tokens = sequences = pairs = 0
+    totals = StepStatsSum(device)
     with _StageCuts(model) as cuts:
         for mb in micro_batches:
             if device is not None:
@@ -202,14 +201,8 @@ def optimizer_step_in_backward(
                 out = loss_module(mb, num_pairs, num_retain_tokens)
             losses.append(out.loss)
             anchors.append(mb_anchors)
-            parts = [out.loss.detach(), out.forget_loss.detach(), out.retain_loss.detach(),
-                     out.delta.sum(), out.win_logps.sum(), out.lose_logps.sum()]
-            sums += torch.stack([p.double() for p in parts]).to(sums.device)
-            tokens += mb.num_tokens
-            sequences += len(mb.seq_lens)
-            pairs += mb.num_pairs
-    v = sums.tolist()
-    stats = StepStats(v[0], v[1], v[2], v[3], v[4], v[5], pairs, tokens, sequences, len(micro_batches))
+            totals.add(out, mb)
+    stats = totals.result()
     expected = len(stages) - 1  # cuts per micro-batch: one per decoder layer and the final norm
     if any(len(a) != expected for a in anchors):
         raise RuntimeError(f"expected {expected} stage cuts per micro-batch, got "

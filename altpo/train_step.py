@@ -124,6 +124,28 @@ class StepStats:
         return cls(*v[:6], *(int(x) for x in v[6:]), grad_norm=grad_norm)
 
 
+class StepStatsSum:
+    """Adds micro-batch loss outputs up into one :class:`StepStats`, with no host sync per add."""
+
+    def __init__(self, device):
+        self.sums = torch.zeros(6, dtype=torch.float64, device=device)
+        self.tokens = self.sequences = self.pairs = self.micro_batches = 0
+
+    def add(self, out, mb: MicroBatch) -> None:
+        parts = [out.loss.detach(), out.forget_loss.detach(), out.retain_loss.detach(),
+                 out.delta.sum(), out.win_logps.sum(), out.lose_logps.sum()]
+        self.sums += torch.stack([p.double() for p in parts]).to(self.sums.device)
+        self.tokens += mb.num_tokens
+        self.sequences += len(mb.seq_lens)
+        self.pairs += mb.num_pairs
+        self.micro_batches += 1
+
+    def result(self) -> StepStats:
+        v = self.sums.tolist()
+        return StepStats(v[0], v[1], v[2], v[3], v[4], v[5], self.pairs, self.tokens,
+                         self.sequences, self.micro_batches)
+
+
 def forward_backward(loss_module: nn.Module, micro_batches: Sequence[MicroBatch], *,
                      num_pairs: float, num_retain_tokens: float, loss_scale: float = 1.0,
                      no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
@@ -139,8 +161,7 @@ def forward_backward(loss_module: nn.Module, micro_batches: Sequence[MicroBatch]
     the device (the resident reference fills in its log-probs there). ``forward_context`` wraps
     each forward (not the backward), e.g. to park saved activations in CPU memory.
     """
-    sums = torch.zeros(6, dtype=torch.float64, device=device)
-    tokens = sequences = pairs = 0
+    totals = StepStatsSum(device)
     for i, mb in enumerate(micro_batches):
         if device is not None:
             mb = mb.to(device)
@@ -152,14 +173,8 @@ def forward_backward(loss_module: nn.Module, micro_batches: Sequence[MicroBatch]
             with forward_context() if forward_context is not None else contextlib.nullcontext():
                 out = loss_module(mb, num_pairs, num_retain_tokens)
             (out.loss * loss_scale).backward()
-        parts = [out.loss.detach(), out.forget_loss.detach(), out.retain_loss.detach(),
-                 out.delta.sum(), out.win_logps.sum(), out.lose_logps.sum()]
-        sums += torch.stack([p.double() for p in parts]).to(sums.device)
-        tokens += mb.num_tokens
-        sequences += len(mb.seq_lens)
-        pairs += mb.num_pairs
-    v = sums.tolist()
-    return StepStats(v[0], v[1], v[2], v[3], v[4], v[5], pairs, tokens, sequences, len(micro_batches))
+        totals.add(out, mb)
+    return totals.result()
 
 
 @torch.no_grad()
