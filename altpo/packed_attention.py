@@ -175,14 +175,18 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
 
 
-def _segment_sdpa(query, key, value, seq_lens, scaling, dropout):
+def _sdpa_grouped_kv(query, key, value):
+    """Keys/values and SDPA kwargs for grouped-query attention, on any torch version."""
     n_rep = query.shape[1] // key.shape[1]
-    extra = {}
-    if n_rep > 1:
-        if _SDPA_HAS_GQA:
-            extra["enable_gqa"] = True
-        else:
-            key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+    if n_rep == 1:
+        return key, value, {}
+    if _SDPA_HAS_GQA:
+        return key, value, {"enable_gqa": True}
+    return _repeat_kv(key, n_rep), _repeat_kv(value, n_rep), {}
+
+
+def _segment_sdpa(query, key, value, seq_lens, scaling, dropout):
+    key, value, extra = _sdpa_grouped_kv(query, key, value)
     outs = []
     start = 0
     for n in seq_lens:
@@ -333,13 +337,7 @@ def _packed_attention_forward(
 
 
 def _segment_sdpa_rows(query, key, value, scaling, dropout):
-    n_rep = query.shape[1] // key.shape[1]
-    extra = {}
-    if n_rep > 1:
-        if _SDPA_HAS_GQA:
-            extra["enable_gqa"] = True
-        else:
-            key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+    key, value, extra = _sdpa_grouped_kv(query, key, value)
     out = F.scaled_dot_product_attention(
         query, key, value, dropout_p=dropout, is_causal=query.shape[2] > 1, scale=scaling, **extra
     )
