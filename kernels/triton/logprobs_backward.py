@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .logprobs_forward import _on_device, dot_accumulate, dot_precision
+from .logprobs_forward import _on_device, dot_accumulate, dot_precision, logits_tile
 from .tile_configs import interpreting, tiles_for
 
 
@@ -72,13 +72,8 @@ def _logprobs_backward_kernel(
     h_rows = hidden_ptr + rows.to(tl.int64)[:, None] * hidden_size
     w_rows = weight_ptr + cols.to(tl.int64)[:, None] * hidden_size
 
-    logits = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    for h0 in range(0, hidden_size, BLOCK_H):
-        ks = h0 + tl.arange(0, BLOCK_H)
-        k_ok = ks < hidden_size
-        h = tl.load(h_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        logits = dot_accumulate(h, tl.trans(w), logits, DOT_PRECISION, UPCAST_DOT)
+    logits = logits_tile(h_rows, w_rows, row_ok, col_ok, hidden_size,
+                         BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
 
     onehot = tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
     d = tl.where(row_ok[:, None] & col_ok[None, :], onehot - tl.exp(logits - lse[:, None]), 0.0)

@@ -38,6 +38,26 @@ def dot_accumulate(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.conste
 
 
 @triton.jit
+def logits_tile(h_rows, w_rows, row_ok, col_ok, hidden_size,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """One [BLOCK_N, BLOCK_V] tile of logits in fp32, summed over the hidden size in BLOCK_H slices.
+
+    ``h_rows`` / ``w_rows`` point at the tile's hidden-state and weight rows; masked rows, columns
+    and the ragged last slice load zeros. Forward and backward share it, so backward recomputes
+    exactly the logits forward saw.
+    """
+    logits = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for h0 in range(0, hidden_size, BLOCK_H):
+        ks = h0 + tl.arange(0, BLOCK_H)
+        k_ok = ks < hidden_size
+        h = tl.load(h_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        logits = dot_accumulate(h, tl.trans(w), logits, DOT_PRECISION, UPCAST_DOT)
+    return logits
+
+
+@triton.jit
 def _logprobs_forward_kernel(
     hidden_ptr, weight_ptr, labels_ptr,
     part_max_ptr, part_sum_ptr, label_logit_ptr,
@@ -62,13 +82,8 @@ def _logprobs_forward_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_end
         w_rows = weight_ptr + cols.to(tl.int64)[:, None] * hidden_size
-        logits = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        for h0 in range(0, hidden_size, BLOCK_H):
-            ks = h0 + tl.arange(0, BLOCK_H)
-            k_ok = ks < hidden_size
-            h = tl.load(h_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            logits = dot_accumulate(h, tl.trans(w), logits, DOT_PRECISION, UPCAST_DOT)
+        logits = logits_tile(h_rows, w_rows, row_ok, col_ok, hidden_size,
+                             BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
         logits = tl.where(col_ok[None, :], logits, float("-inf"))
         # Every tile has at least one real column, so new_max is finite and exp(-inf - m) = 0
         # handles the first tile without a special case.
