@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="altpo-fast",
         description="Fast, lean AltPO unlearning: train, plan memory, evaluate on TOFU, "
-        "generate alternate answers, benchmark, and run an offline demo.",
+        "generate alternate answers, and run an offline demo (benchmarks: see benchmarks/README.md).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in COMMANDS.items():
