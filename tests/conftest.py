@@ -5,7 +5,6 @@ before triton is first imported, so it is set here, ahead of any test module.
 """
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_TOFU = REPO_ROOT.parent / "shared" / "data" / "tofu"
+from paths import REPO_ROOT, SHARED_TOFU  # noqa: E402,F401  (tests/ is on sys.path: conftest lives there)
 
 
 @pytest.fixture
