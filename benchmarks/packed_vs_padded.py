@@ -4,7 +4,7 @@ One training micro-step (backbone forward, fused log-prob loss over every real t
 on the same sequences two ways:
 
 ``packed``  one row of concatenated sequences, position ids restarting per sequence,
-            ``altpo.packed_attention`` (flash / torch-varlen on CUDA, segment SDPA on the CPU).
+            ``altpo.model.packed_attention`` (flash / torch-varlen on CUDA, segment SDPA on the CPU).
 ``padded``  a [B, L_max] batch padded to its longest sequence with an attention mask, stock
             transformers SDPA attention (what a plain HF training loop does).
 
@@ -19,7 +19,7 @@ tokens/s counts real tokens only (the same for both ways). Peak memory: CUDA
 ``torch.cuda.max_memory_allocated`` above the level at the start of the step; on the CPU the
 resident-set high-water mark (coarser). On CUDA, the memory planner's prediction for each packed
 run (weights, gradients, activations and the largest transient workspace of
-``altpo.memory_plan``; no optimizer state exists in this benchmark) is set against
+``altpo.train.memory_plan``; no optimizer state exists in this benchmark) is set against
 ``max_memory_allocated`` of the whole step, gradients allocated before it starts as in gradient
 accumulation.
 
@@ -43,9 +43,9 @@ if __package__ in (None, ""):
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from altpo.activation_checkpointing import enable_activation_checkpointing
-from altpo.memory_plan import NAMED_SHAPES, plan_memory, shape_from_config
-from altpo.packed_attention import enable_packed_attention, packed_attention_kwargs, packed_position_ids
+from altpo.model.activation_checkpointing import enable_activation_checkpointing
+from altpo.train.memory_plan import NAMED_SHAPES, plan_memory, shape_from_config
+from altpo.model.packed_attention import enable_packed_attention, packed_attention_kwargs, packed_position_ids
 from altpo_kernels import linear_logprobs
 from benchmarks.common import (
     MiB,

@@ -8,7 +8,7 @@ ids are random, only the lengths matter for speed). Three ways of computing the 
 by side in one process:
 
 ``altpo-fast``
-    The project's trainer step, ``altpo.train_step.altpo_step``: packed micro-batches (no
+    The project's trainer step, ``altpo.train.step.altpo_step``: packed micro-batches (no
     padding, each forget answer once however many of its alternates the step has), the fused
     loss (no logits), reference log-probs precomputed once for the data, fp32 master weights.
 ``open-unlearning``
@@ -296,10 +296,10 @@ def trl_style_recipe(model, work: Workload, device, pad_id: int):
 
 def altpo_fast_recipe(model, work: Workload, device, args, attention: str = "auto",
                       loss_backend: str = "auto"):
-    from altpo.master_weights import MixedPrecisionAdamW
-    from altpo.packed_attention import enable_packed_attention
-    from altpo.packing import ROLE_ALTERNATE, ROLE_FORGET, ROLE_RETAIN, PackUnit
-    from altpo.train_step import PackedAltPOLoss, altpo_step, sequence_logprobs
+    from altpo.train.master_weights import MixedPrecisionAdamW
+    from altpo.model.packed_attention import enable_packed_attention
+    from altpo.data.packing import ROLE_ALTERNATE, ROLE_FORGET, ROLE_RETAIN, PackUnit
+    from altpo.train.step import PackedAltPOLoss, altpo_step, sequence_logprobs
 
     attention = enable_packed_attention(model, backend=attention)
     budget = args.tokens_per_microbatch
@@ -488,9 +488,9 @@ def _import_everything() -> None:
     """Load every module the recipes use, so no variant's memory counts a first import."""
     import transformers.models.llama.modeling_llama  # noqa: F401
 
-    import altpo.master_weights  # noqa: F401
-    import altpo.packed_attention  # noqa: F401
-    import altpo.train_step  # noqa: F401
+    import altpo.train.master_weights  # noqa: F401
+    import altpo.model.packed_attention  # noqa: F401
+    import altpo.train.step  # noqa: F401
 
 
 def run_in_subprocess(name: str, argv: list[str], matmul: dict) -> dict:

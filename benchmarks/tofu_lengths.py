@@ -42,7 +42,7 @@ def load_tokenizer(spec: str):
     """A transformers tokenizer from a tokenizer.json file, a folder, or a hub name."""
     from transformers import PreTrainedTokenizerFast
 
-    from altpo.tiny_llama import LLAMA3_CHAT_TEMPLATE
+    from altpo.model.tiny_llama import LLAMA3_CHAT_TEMPLATE
 
     path = Path(spec)
     if path.is_file():

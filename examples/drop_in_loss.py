@@ -23,7 +23,7 @@ labels = torch.roll(input_ids[0], -1)                      # hidden[t] predicts 
 labels[torch.cumsum(torch.tensor(lengths), 0) - 1] = -100  # no target past a sequence's end
 labels[:4] = -100                                          # prompt tokens carry no loss
 
-# (A real trainer also makes attention block-diagonal: see altpo.packed_attention.)
+# (A real trainer also makes attention block-diagonal: see altpo.model.packed_attention.)
 hidden = model.model(input_ids=input_ids, position_ids=position_ids).last_hidden_state[0]
 with torch.no_grad():  # the frozen reference: here the starting model itself, so delta starts at 0
     ref_seq = torch.zeros(3).index_add_(0, seq_ids, linear_logprobs(hidden, model.lm_head.weight, labels))

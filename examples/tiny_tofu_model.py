@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from altpo.tiny_llama import build_tiny_llama, build_tiny_tokenizer, save_tiny_model  # noqa: E402
-from altpo.tofu_data import load_alternates, load_tofu_split, texts_for_tokenizer  # noqa: E402
+from altpo.model.tiny_llama import build_tiny_llama, build_tiny_tokenizer, save_tiny_model  # noqa: E402
+from altpo.data.tofu import load_alternates, load_tofu_split, texts_for_tokenizer  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     model = build_tiny_llama(tokenizer, hidden_size=args.hidden_size, num_layers=args.layers,
                              num_heads=4, num_kv_heads=2, intermediate_size=2 * args.hidden_size)
     if args.finetune_epochs > 0:
-        from altpo.tiny_finetune import finetune_qa
+        from altpo.model.tiny_finetune import finetune_qa
 
         t0 = time.perf_counter()
         result = finetune_qa(model, tokenizer, forget + retain, epochs=args.finetune_epochs,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from altpo.tiny_llama import build_tiny_llama, build_tiny_tokenizer, save_tiny_model
-from altpo.tofu_data import load_alternates, load_tofu_split, texts_for_tokenizer
+from altpo.model.tiny_llama import build_tiny_llama, build_tiny_tokenizer, save_tiny_model
+from altpo.data.tofu import load_alternates, load_tofu_split, texts_for_tokenizer
 
 ALTERNATES = "alternates/llama2-7b/forget01/alt5_seed_0.json"
 FORGET_ROWS, RETAIN_ROWS = 4, 24

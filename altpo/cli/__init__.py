@@ -1,0 +1,65 @@
+"""``altpo-fast``: one entry point, one module per command.
+
+Each command module defines ``add_arguments(parser)`` and ``run(args) -> int`` and a module
+docstring whose first line is the command's one-line help. Modules are imported only for the
+command being run (and for ``--help``), so ``altpo-fast plan`` does not pay for the trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command name -> module that implements it
+COMMANDS = {
+    "plan": "altpo.cli.plan",
+    "train": "altpo.cli.train",
+    "eval": "altpo.cli.eval",
+    "generate-alternates": "altpo.cli.generate_alternates",
+    "demo": "altpo.cli.demo",
+}
+
+
+from altpo.errors import UserError  # noqa: F401  (re-exported: ``from altpo.cli import UserError``)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="altpo-fast",
+        description="Fast, lean AltPO unlearning: train, plan memory, evaluate on TOFU, "
+        "generate alternate answers, and run an offline demo (benchmarks: see benchmarks/README.md).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        doc = (module.__doc__ or name).strip()
+        p = sub.add_parser(
+            name,
+            help=doc.splitlines()[0],
+            description=doc,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._module.run(args) or 0)
+    except UserError as err:
+        print(f"altpo-fast {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"altpo-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

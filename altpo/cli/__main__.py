@@ -1,0 +1,7 @@
+"""``python -m altpo.cli ...``: the same as the ``altpo-fast`` command (torchrun launches this)."""
+
+import sys
+
+from altpo.cli import main
+
+sys.exit(main())

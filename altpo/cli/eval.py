@@ -1,0 +1,114 @@
+"""Evaluate a model on TOFU; write open-unlearning's TOFU_EVAL.json and TOFU_SUMMARY.json.
+
+Computes forget quality, model utility, the forget / retain / real-author / world-fact
+probabilities, ROUGE and truth ratios, the MIA AUCs with privleak, and extraction strength, as
+open-unlearning defines them, and prints a table of the headline metrics.
+
+    altpo-fast eval --model out/unlearned --data ../shared/data/tofu --forget-split forget10 \\
+        --retain-logs ../shared/data/tofu/eval_logs/tofu_Llama-3.2-1B-Instruct_retain90 \\
+        --output out/unlearned/evals
+
+forget_quality and privleak compare with the retain model's TOFU_EVAL.json (--retain-logs);
+without it they are skipped (written as null).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from altpo.errors import UserError
+from altpo.model.loading import add_model_arguments, check_model_source, load_model_and_tokenizer
+
+GROUPS = ("forget", "retain", "ra", "wf", "mia", "gradnorm", "memorization")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="model folder (save_pretrained output) or hub id")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer folder or hub id, when it is not saved with the model")
+    parser.add_argument("--data", required=True,
+                        help="folder of TOFU JSON Lines files (e.g. ../shared/data/tofu) or a hub id (locuslab/TOFU)")
+    parser.add_argument("--forget-split", default="forget10",
+                        help="forget split: forget01, forget05 or forget10 (default forget10)")
+    parser.add_argument("--holdout-split", default=None,
+                        help="holdout split for the MIA metrics (default: the forget split's name with "
+                        "'forget' replaced by 'holdout')")
+    parser.add_argument("--retain-logs", default=None,
+                        help="folder (or file) with the retain model's TOFU_EVAL.json, for forget_quality "
+                        "and privleak; without it those two are skipped")
+    parser.add_argument("--output", required=True, help="folder to write TOFU_EVAL.json and TOFU_SUMMARY.json to")
+    parser.add_argument("--metrics", default=",".join(GROUPS),
+                        help=f"comma-separated metric groups to compute, from {', '.join(GROUPS)} (default: all)")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="sequences per forward pass and prompts per generate call (default 16)")
+    parser.add_argument("--max-new-tokens", type=int, default=200,
+                        help="greedy generation budget for the ROUGE metrics (default 200)")
+    parser.add_argument("--max-rows", type=int, default=None,
+                        help="use only the first N rows of every split (a quick check, not comparable "
+                        "with published numbers)")
+    add_model_arguments(parser)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace TOFU_EVAL.json / TOFU_SUMMARY.json already in --output")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _check(args) -> list[str]:
+    """Every user-fixable problem, before the model loads."""
+    from altpo.eval.tofu import check_tofu_source, load_retain_logs, required_splits
+
+    groups = [g.strip() for g in args.metrics.split(",") if g.strip()]
+    bad = [g for g in groups if g not in GROUPS]
+    if bad or not groups:
+        raise UserError(f"--metrics: unknown group(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(GROUPS)}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.max_rows is not None and args.max_rows < 1:
+        raise UserError(f"--max-rows must be >= 1, got {args.max_rows}")
+    check_model_source(args.model, "--model")
+    if args.tokenizer:
+        check_model_source(args.tokenizer, "--tokenizer")
+    if {"mia", "gradnorm"} & set(groups) and not args.holdout_split and "forget" not in args.forget_split:
+        raise UserError(f"--forget-split {args.forget_split}: cannot derive the holdout split; pass --holdout-split")
+    try:
+        check_tofu_source(args.data, required_splits(args.forget_split, groups, args.holdout_split))
+    except FileNotFoundError as err:
+        raise UserError(f"--data: {err}") from None
+    if args.retain_logs is not None:
+        p = Path(os.path.expanduser(args.retain_logs))
+        if not p.exists():
+            raise UserError(f"--retain-logs {args.retain_logs} does not exist; pass the folder holding the "
+                            "retain model's TOFU_EVAL.json, or leave it out to skip forget_quality and privleak")
+        try:
+            load_retain_logs(p)
+        except (FileNotFoundError, ValueError) as err:
+            raise UserError(f"--retain-logs: {err}") from None
+    out = Path(os.path.expanduser(args.output))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {args.output} is a file; pass a folder")
+    if (out / "TOFU_EVAL.json").exists() and not args.overwrite:
+        raise UserError(f"{out / 'TOFU_EVAL.json'} already exists; pass --overwrite to replace it or choose "
+                        "another --output")
+    return groups
+
+
+def run(args) -> int:
+    groups = _check(args)
+    from altpo.eval.tofu import TofuDataError, evaluate_tofu
+
+    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype,
+                                                tokenizer_source=args.tokenizer)
+    try:
+        evaluate_tofu(
+            model, tokenizer, args.data, args.forget_split, retain_logs=args.retain_logs,
+            output_dir=os.path.expanduser(args.output), batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens, system_prompt=args.system_prompt or None,
+            date_string=args.date_string or None, splits=groups, holdout_split=args.holdout_split,
+            max_rows=args.max_rows, progress=not args.quiet, verbose=True,
+        )
+    except (TofuDataError, FileNotFoundError) as err:
+        raise UserError(str(err)) from None
+    return 0
+

@@ -1,0 +1,132 @@
+"""Plan GPU memory for full-parameter AltPO training: bytes per component, chosen settings, fits or not.
+
+Examples:
+  altpo-fast plan --model llama-3.2-1b --gpu-memory 16GiB
+  altpo-fast plan --model llama-3.2-1b --gpu-memory 8GiB
+  altpo-fast plan --model path/to/model_folder --gpu-memory 80GB --json
+
+Exit status: 0 when the plan fits, 1 when it does not, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from altpo.errors import UserError
+from altpo.train.memory_plan import (
+    CHECKPOINTING_MODES,
+    DEFAULT_MAX_SEQ_LEN,
+    DEFAULT_TOKENS_PER_STEP,
+    MASTER_MODES,
+    NAMED_SHAPES,
+    REFERENCE_MODES,
+    PlanError,
+    detect_gpu_memory,
+    format_bytes,
+    load_model_shape,
+    parse_bytes,
+    plan_memory,
+)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _tokens(text: str):
+    return "auto" if text == "auto" else _positive_int(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", required=True,
+        help=f"a named shape ({', '.join(NAMED_SHAPES)}), a local model folder with config.json, "
+        "or a Hugging Face hub id (needs the hub)",
+    )
+    parser.add_argument(
+        "--gpu-memory", metavar="SIZE",
+        help="memory budget, e.g. 16GiB or 80GB (default: the free memory of the visible GPU; "
+        "required without one)",
+    )
+    parser.add_argument(
+        "--tokens-per-microbatch", type=_tokens, default="auto", metavar="N|auto",
+        help="tokens in one packed micro-batch; auto: the largest that fits (default auto)",
+    )
+    parser.add_argument(
+        "--checkpointing", choices=CHECKPOINTING_MODES + ("auto",), default="auto",
+        help="activation checkpointing: none, layers (recompute each decoder layer), offload "
+        "(layers, with the checkpoints in pinned CPU memory); auto: the cheapest that fits (default)",
+    )
+    parser.add_argument(
+        "--master-weights", choices=MASTER_MODES + ("auto",), default="auto",
+        help="exact updates for bf16 weights: fp32 master copy, kahan compensation buffer, or none; "
+        "auto: fp32 when it fits, else kahan (default auto)",
+    )
+    parser.add_argument(
+        "--reference", choices=REFERENCE_MODES, default="cached",
+        help="reference model: cached log-probs (freed during training, default) or resident on the GPU",
+    )
+    parser.add_argument(
+        "--optimizer-in-backward", choices=("auto", "yes", "no"), default="auto",
+        help="step each parameter as soon as its gradient is complete and free the gradient; "
+        "auto: only when the plan does not fit otherwise (default auto)",
+    )
+    parser.add_argument(
+        "--tokens-per-step", type=_positive_int, default=DEFAULT_TOKENS_PER_STEP, metavar="N",
+        help=f"tokens in one optimizer step, all micro-batches (default {DEFAULT_TOKENS_PER_STEP}: "
+        "the TOFU recipe's 96 sequences of about 128 tokens)",
+    )
+    parser.add_argument(
+        "--max-seq-len", type=_positive_int, default=DEFAULT_MAX_SEQ_LEN, metavar="N",
+        help=f"longest sequence; a micro-batch holds at least one (default {DEFAULT_MAX_SEQ_LEN})",
+    )
+    parser.add_argument(
+        "--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+        help="dtype of the weights and activations (default bf16)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+
+
+def run(args) -> int:
+    try:
+        if args.gpu_memory is not None:
+            budget = parse_bytes(args.gpu_memory)
+            source = "given"
+        else:
+            found = detect_gpu_memory()
+            if found is None:
+                raise UserError("no GPU is visible: give the budget with --gpu-memory, e.g. --gpu-memory 16GiB")
+            budget, source = found
+        shape = load_model_shape(args.model)
+        in_bwd = {"auto": "auto", "yes": True, "no": False}[args.optimizer_in_backward]
+        plan = plan_memory(
+            shape, budget,
+            tokens_per_microbatch=args.tokens_per_microbatch,
+            checkpointing=args.checkpointing,
+            master_weights=args.master_weights,
+            reference=args.reference,
+            optimizer_in_backward=in_bwd,
+            tokens_per_step=args.tokens_per_step,
+            max_seq_len=args.max_seq_len,
+            weight_dtype=args.dtype,
+        )
+    except PlanError as err:
+        raise UserError(str(err)) from None
+    if args.json:
+        out = plan.to_json_dict()
+        out["gpu_memory_source"] = source
+        json.dump(out, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        if source != "given":
+            print(f"budget: {format_bytes(budget)}, the {source}")
+        print(plan.format_table())
+    return 0 if plan.fits else 1

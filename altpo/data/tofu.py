@@ -1,0 +1,357 @@
+"""TOFU data for AltPO: splits, alternate answers, and chat-template tokenisation.
+
+Splits come from a local folder of JSON Lines files in the hub's layout (``<folder>/<split>.json``,
+one object per line, as in ``../shared/data/tofu``) or from the hub (``locuslab/TOFU`` through
+``datasets``). Alternate answers are JSON Lines rows with ``question``, ``answer`` and the
+alternate under ``alternate`` (open-unlearning's name) or ``sub_answer`` (the AltPO authors' name),
+K rows per forget question.
+
+Every (question, answer) becomes one token sequence through the tokenizer's own chat template
+(system prompt and ``date_string`` as in DESIGN.md section 2) with labels only on the answer and
+its end-of-turn token. :func:`encode_qa` is the one place that does this, so training, reference
+log-probs and evaluation score exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from altpo.errors import UserError
+from altpo.sources import looks_like_hub_id
+
+HUB_DATASET = "locuslab/TOFU"
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+DEFAULT_DATE_STRING = "10 Apr 2025"
+IGNORE_INDEX = -100
+ALTERNATE_FIELDS = ("alternate", "sub_answer")
+
+
+# ------------------------------------------------------------------------------------------------
+# splits
+
+
+def read_jsonl(path: str | Path, what: str) -> list[dict]:
+    """Objects of a JSON Lines file (a JSON array file is accepted too); errors name the line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"cannot read {what} {path}: {err.strerror or err}") from None
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(stripped)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{what} {path} is not valid JSON: {err}") from None
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise UserError(
+                    f"{what} {path}, line {number}, is not valid JSON ({err.msg}); the file must "
+                    "hold one JSON object per line (JSON Lines)"
+                ) from None
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise UserError(f"{what} {path}: row {number} is {type(row).__name__}, expected an object")
+    return rows
+
+
+def load_tofu_split(data: str, split: str, *, fields: Sequence[str] = ("question", "answer")) -> list[dict]:
+    """Rows of one TOFU split, each a dict with at least ``fields`` (non-empty strings).
+
+    ``data`` is a local folder holding ``<split>.json`` (JSON Lines) or a hub dataset id such as
+    ``locuslab/TOFU`` (loaded with ``datasets.load_dataset(data, split)``). Raises
+    :class:`~altpo.cli.UserError` for a missing folder or split, a bad row, or an empty split.
+    """
+    data = str(data)
+    where = Path(os.path.expanduser(data))
+    if where.is_dir():
+        candidates = [where / f"{split}.json", where / f"{split}.jsonl"]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            found = sorted(p.stem for p in where.glob("*.json*"))
+            raise UserError(
+                f"split {split!r} not found in {where}: expected {candidates[0]}; splits there: "
+                f"{', '.join(found[:20]) or 'none'}"
+            )
+        rows = read_jsonl(path, f"{split} split")
+        origin = str(path)
+    elif where.exists() or not looks_like_hub_id(data):
+        raise UserError(f"data folder {data} does not exist (or is not a folder); pass --data with a "
+                        "folder of TOFU split files, or a hub dataset id such as locuslab/TOFU")
+    else:
+        rows = _load_hub_split(data, split)
+        origin = f"{data} (hub), subset {split}"
+    if not rows:
+        raise UserError(f"split {split!r} from {origin} is empty: choose a split with rows")
+    for index, row in enumerate(rows):
+        for name in fields:
+            value = row.get(name)
+            if not isinstance(value, str) or not value.strip():
+                raise UserError(
+                    f"split {split!r} from {origin}: row {index} has no {name!r} text "
+                    f"(fields present: {', '.join(sorted(row)) or 'none'})"
+                )
+    return rows
+
+
+def _load_hub_split(dataset_id: str, split: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(
+            f"loading {dataset_id} from the hub needs the datasets package (pip install datasets); "
+            "or pass --data with a local folder of TOFU JSON Lines files"
+        ) from None
+    try:
+        loaded = datasets.load_dataset(dataset_id, split, split="train")
+    except Exception as err:  # network, unknown subset, auth: all user-fixable
+        raise UserError(
+            f"could not load subset {split!r} of {dataset_id} from the hub ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); check the name, or pass --data "
+            "with a local folder of TOFU JSON Lines files"
+        ) from None
+    return [dict(row) for row in loaded]
+
+
+# ------------------------------------------------------------------------------------------------
+# alternates
+
+
+def load_alternates(path: str | Path, forget_rows: Sequence[dict]) -> list[list[str]]:
+    """Alternate answers per forget row (same order as ``forget_rows``), in file order.
+
+    Rows match forget rows by question (and by answer where the split repeats a question). Every
+    forget question needs at least one alternate; rows whose question is not in the forget split
+    are an error that names a few of them.
+    """
+    path = Path(os.path.expanduser(str(path)))
+    if not path.is_file():
+        raise UserError(
+            f"alternates file {path} not found; make one with `altpo-fast generate-alternates` "
+            "(JSON Lines with question, answer and alternate)"
+        )
+    rows = read_jsonl(path, "alternates file")
+    if not rows:
+        raise UserError(f"alternates file {path} is empty")
+
+    by_question: dict[str, list[int]] = {}
+    for index, row in enumerate(forget_rows):
+        by_question.setdefault(row["question"], []).append(index)
+
+    alternates: list[list[str]] = [[] for _ in forget_rows]
+    unknown: list[str] = []
+    for number, row in enumerate(rows, 1):
+        question = row.get("question")
+        text = next((row[k] for k in ALTERNATE_FIELDS if isinstance(row.get(k), str)), None)
+        if not isinstance(question, str) or text is None:
+            raise UserError(
+                f"alternates file {path}, row {number}: needs a 'question' and an 'alternate' (or "
+                f"'sub_answer') string; fields present: {', '.join(sorted(row)) or 'none'}"
+            )
+        if not text.strip():
+            raise UserError(f"alternates file {path}, row {number}: the alternate answer is empty")
+        matches = by_question.get(question)
+        if not matches:
+            unknown.append(question)
+            continue
+        if len(matches) > 1 and isinstance(row.get("answer"), str):
+            same_answer = [i for i in matches if forget_rows[i]["answer"] == row["answer"]]
+            matches = same_answer or matches
+        alternates[matches[0]].append(text)
+
+    if unknown:
+        shown = "; ".join(repr(q[:80]) for q in list(dict.fromkeys(unknown))[:3])
+        raise UserError(
+            f"alternates file {path} has {len(unknown)} row(s) whose question is not in the forget "
+            f"split, e.g. {shown}; use the alternates made for this forget split (--forget-split)"
+        )
+    missing = [i for i, alts in enumerate(alternates) if not alts]
+    if missing:
+        shown = "; ".join(repr(forget_rows[i]["question"][:80]) for i in missing[:3])
+        raise UserError(
+            f"alternates file {path} has no alternate for {len(missing)} of {len(forget_rows)} "
+            f"forget questions, e.g. {shown}; every forget question needs at least one"
+        )
+    return alternates
+
+
+# ------------------------------------------------------------------------------------------------
+# chat-template tokenisation
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How a question is wrapped: the system prompt (None: no system message) and date string."""
+
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    date_string: str | None = DEFAULT_DATE_STRING
+
+    def messages(self, question: str, answer: str | None = None) -> list[dict]:
+        msgs = []
+        if self.system_prompt is not None:
+            msgs.append({"role": "system", "content": self.system_prompt})
+        msgs.append({"role": "user", "content": question})
+        if answer is not None:
+            msgs.append({"role": "assistant", "content": answer})
+        return msgs
+
+    def template_kwargs(self) -> dict:
+        return {} if self.date_string is None else {"date_string": self.date_string}
+
+
+@dataclass
+class EncodedQA:
+    """One tokenised (question, answer): labels equal ``input_ids`` on answer tokens, else -100."""
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+    @property
+    def num_answer_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+def check_chat_template(tokenizer, name: str = "the tokenizer") -> None:
+    """Raise a clear error when ``tokenizer`` has no chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            f"{name} has no chat template; AltPO formats every row with the model's chat template. "
+            "Use an instruct model's tokenizer (--tokenizer) or set tokenizer.chat_template"
+        )
+
+
+def chat_prompt_text(tokenizer, question: str, fmt: ChatFormat = ChatFormat()) -> str:
+    """The chat-formatted prompt, ending where the assistant's answer begins (for generation)."""
+    return tokenizer.apply_chat_template(fmt.messages(question), tokenize=False,
+                                         add_generation_prompt=True, **fmt.template_kwargs())
+
+
+def _split_texts(tokenizer, question: str, answer: str, fmt: ChatFormat) -> tuple[str, str]:
+    prompt = chat_prompt_text(tokenizer, question, fmt)
+    full = tokenizer.apply_chat_template(fmt.messages(question, answer), tokenize=False,
+                                         add_generation_prompt=False, **fmt.template_kwargs())
+    if not full.startswith(prompt):
+        raise UserError(
+            "the tokenizer's chat template renders a conversation with an answer differently from "
+            "the same conversation's generation prompt, so the answer tokens cannot be located; "
+            "use a template whose generation prompt is a prefix of the full conversation"
+        )
+    return prompt, full[len(prompt):]
+
+
+def encode_qa(tokenizer, question: str, answer: str, *, fmt: ChatFormat = ChatFormat(),
+              max_length: int | None = None) -> EncodedQA:
+    """Token ids of the chat-formatted (question, answer) and labels on the answer part only.
+
+    The answer part is everything the template adds after the generation prompt: the answer text
+    and the end-of-turn token (``<|eot_id|>`` for Llama-3). Prompt and answer part are tokenised
+    separately, so labels cover exactly the answer part's tokens. ``max_length`` cuts the sequence
+    (labels included) to that many tokens and sets ``truncated``.
+    """
+    return encode_qa_batch(tokenizer, [(question, answer)], fmt=fmt, max_length=max_length)[0]
+
+
+def encode_qa_batch(tokenizer, pairs: Sequence[tuple[str, str]], *, fmt: ChatFormat = ChatFormat(),
+                    max_length: int | None = None) -> list[EncodedQA]:
+    """:func:`encode_qa` for many pairs with one batched tokenizer call per part."""
+    check_chat_template(tokenizer)
+    if not pairs:
+        return []
+    texts = [_split_texts(tokenizer, q, a, fmt) for q, a in pairs]
+    prompt_ids = tokenizer([p for p, _ in texts], add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer([a for _, a in texts], add_special_tokens=False)["input_ids"]
+    out = []
+    for p, a in zip(prompt_ids, answer_ids):
+        ids = list(p) + list(a)
+        labels = [IGNORE_INDEX] * len(p) + list(a)
+        truncated = max_length is not None and len(ids) > max_length
+        if truncated:
+            ids, labels = ids[:max_length], labels[:max_length]
+        out.append(EncodedQA(ids, labels, truncated))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the AltPO data set
+
+
+@dataclass
+class AltPOData:
+    """Tokenised AltPO data: forget answers, alternates (one per pair) and retain rows.
+
+    Pair ``p`` has the alternate ``alternates[p]`` (chosen) and the forget answer
+    ``forget[pair_question[p]]`` (rejected). Pairs are ordered by forget question, then by the
+    alternates file's order.
+    """
+
+    forget: list[EncodedQA]
+    alternates: list[EncodedQA]
+    pair_question: list[int]
+    retain: list[EncodedQA]
+    truncated: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.alternates)
+
+    def reference_fingerprint(self) -> str:
+        """sha256 of every token and label the reference log-probs depend on (forget, alternates)."""
+        h = hashlib.sha256()
+        for name, seqs in (("forget", self.forget), ("alternates", self.alternates)):
+            h.update(f"{name}:{len(seqs)};".encode())
+            for s in seqs:
+                h.update(json.dumps([s.input_ids, s.labels], separators=(",", ":")).encode())
+        h.update(json.dumps(self.pair_question).encode())
+        return h.hexdigest()
+
+
+def build_altpo_data(tokenizer, forget_rows: Sequence[dict], alternates: Sequence[Sequence[str]],
+                     retain_rows: Sequence[dict], *, fmt: ChatFormat = ChatFormat(),
+                     max_length: int | None = 512) -> AltPOData:
+    """Tokenise forget rows, their alternates (from :func:`load_alternates`) and retain rows."""
+    if len(alternates) != len(forget_rows):
+        raise ValueError(f"alternates has {len(alternates)} entries for {len(forget_rows)} forget rows")
+    forget = encode_qa_batch(tokenizer, [(r["question"], r["answer"]) for r in forget_rows],
+                             fmt=fmt, max_length=max_length)
+    pair_question = [q for q, alts in enumerate(alternates) for _ in alts]
+    alt_pairs = [(forget_rows[q]["question"], a) for q, alts in enumerate(alternates) for a in alts]
+    alt = encode_qa_batch(tokenizer, alt_pairs, fmt=fmt, max_length=max_length)
+    retain = encode_qa_batch(tokenizer, [(r["question"], r["answer"]) for r in retain_rows],
+                             fmt=fmt, max_length=max_length)
+    truncated = {
+        "forget": sum(s.truncated for s in forget),
+        "alternates": sum(s.truncated for s in alt),
+        "retain": sum(s.truncated for s in retain),
+    }
+    return AltPOData(forget, alt, pair_question, retain, truncated)
+
+
+def truncation_report(data: AltPOData, max_length: int | None) -> str | None:
+    """A one-line note on how many sequences ``max_length`` cut, or None when none were cut."""
+    if not any(data.truncated.values()):
+        return None
+    sizes = {"forget": len(data.forget), "alternates": len(data.alternates), "retain": len(data.retain)}
+    parts = ", ".join(f"{n} of {sizes[k]} {k}" for k, n in data.truncated.items() if n)
+    return f"--max-length {max_length} cut {parts} sequences (their answers lose the cut tokens)"
+
+
+def texts_for_tokenizer(rows: Iterable[dict], alternates: Iterable[Iterable[str]] = ()) -> list[str]:
+    """All question and answer texts, e.g. to train a tiny tokenizer on the data it will see."""
+    out = []
+    for row in rows:
+        out += [row["question"], row["answer"]]
+    for alts in alternates:
+        out += list(alts)
+    return out

@@ -1,0 +1,685 @@
+"""TOFU evaluation of a causal LM, written in open-unlearning's ``TOFU_EVAL.json`` format.
+
+    from altpo.eval.tofu import evaluate_tofu
+    summary = evaluate_tofu(model, tokenizer, "../shared/data/tofu", "forget10",
+                            retain_logs="../shared/data/tofu/eval_logs/tofu_Llama-3.2-1B-Instruct_retain90",
+                            output_dir="eval_out")
+
+The model turns into per-row statistics here (answer log-probs through the fused
+``altpo_kernels.linear_logprobs``, greedy generations, teacher-forced argmax predictions); the
+metric definitions themselves live in ``altpo.eval.metrics``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from altpo.eval import metrics as M
+from altpo.sources import looks_like_hub_id
+from altpo.data.tofu import (
+    DEFAULT_DATE_STRING,
+    DEFAULT_SYSTEM_PROMPT,
+    IGNORE_INDEX,
+    ChatFormat,
+    chat_prompt_text,
+    check_chat_template,
+    encode_qa,
+    encode_qa_batch,
+    load_tofu_split,
+)
+
+# Metric groups, the TOFU files each one reads ({forget} = the forget split name), and the
+# metrics each one writes.
+METRIC_GROUPS = ("forget", "retain", "ra", "wf", "mia", "gradnorm", "memorization")
+_GROUP_FILES = {
+    "forget": ("{forget}_perturbed",),
+    "retain": ("retain_perturbed",),
+    "ra": ("real_authors_perturbed",),
+    "wf": ("world_facts_perturbed",),
+    "mia": ("{forget}", "{holdout}"),
+    "gradnorm": ("{forget}", "{holdout}"),
+    "memorization": ("{forget}_perturbed",),
+}
+
+HEADLINE_METRICS = (
+    "forget_quality",
+    "model_utility",
+    "forget_Q_A_Prob",
+    "forget_Q_A_ROUGE",
+    "forget_truth_ratio",
+    "privleak",
+    "extraction_strength",
+    "retain_Q_A_Prob",
+    "retain_Q_A_ROUGE",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and chat encoding (shared with the trainer through altpo.data.tofu, so evaluation scores
+# exactly the tokens training sees: labels on the answer and its end-of-turn token only)
+
+
+def _split_file(data_dir: Path, name: str) -> Path | None:
+    for suffix in (".json", ".jsonl"):
+        p = data_dir / f"{name}{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
+def required_splits(forget_split: str, splits: Sequence[str] = (), holdout_split: str | None = None) -> list[str]:
+    """The TOFU split files the metric groups ``splits`` (default: all) read."""
+    groups = [g for g in METRIC_GROUPS if g in (splits or METRIC_GROUPS)]
+    holdout = holdout_split or (
+        _holdout_name(forget_split) if {"mia", "gradnorm"} & set(groups) else None)
+    return sorted({f.format(forget=forget_split, holdout=holdout) for g in groups for f in _GROUP_FILES[g]})
+
+
+def check_tofu_source(data, names: Sequence[str]) -> None:
+    """Raise ``FileNotFoundError`` naming every split missing from a local TOFU folder.
+
+    Hub ids are not checked here (that needs the network); loading reports them instead.
+    """
+    if looks_like_hub_id(str(data)):
+        return
+    folder = Path(os.path.expanduser(str(data)))
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"TOFU data folder {folder} does not exist; pass a folder of TOFU JSON Lines files "
+            "(e.g. ../shared/data/tofu) or a hub id such as locuslab/TOFU"
+        )
+    missing = [n for n in names if _split_file(folder, n) is None]
+    if missing:
+        raise FileNotFoundError(
+            f"TOFU data folder {folder} lacks {', '.join(n + '.json' for n in missing)}; "
+            "use a folder with the full TOFU layout (see docs/evaluation.md) or fewer metric groups"
+        )
+
+
+def load_tofu_rows(data, name: str, max_rows: int | None = None) -> list[dict]:
+    """Rows of one TOFU split (local JSON Lines folder or hub id), the first ``max_rows`` only
+    when given."""
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    rows = load_tofu_split(str(data), name)
+    return rows if max_rows is None else rows[:max_rows]
+
+
+class TofuDataError(ValueError):
+    """A TOFU split or retain-model log that lacks what a metric needs."""
+
+
+def _require_fields(rows: Sequence[Mapping], fields: Sequence[str], split: str) -> None:
+    for i, row in enumerate(rows):
+        for f in fields:
+            if f not in row:
+                raise TofuDataError(f"row {i} of TOFU split {split} has no field {f!r}; fields: {sorted(row)}")
+
+
+def check_chat_tokenizer(tokenizer) -> None:
+    """The tokenizer must carry a chat template and an end-of-sequence token."""
+    check_chat_template(tokenizer)
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token; set tokenizer.eos_token (e.g. <|eot_id|>)")
+
+
+def encode_prompt(tokenizer, user_message: str, fmt: ChatFormat = ChatFormat()) -> list[int]:
+    """Token ids of the chat prompt up to and including the assistant header."""
+    text = chat_prompt_text(tokenizer, user_message, fmt)
+    # the template already wrote the special tokens (BOS, headers) as text
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Model statistics
+
+
+def _backbone_and_head(model):
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", 1.0) not in (1, 1.0, None):
+        raise ValueError(
+            "this model rescales or soft-caps its logits after lm_head; the fused log-prob path "
+            "assumes plain logits = hidden @ lm_head.weight.T"
+        )
+    backbone = getattr(model, "model", None)
+    if backbone is None:
+        backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        raise ValueError("the model needs a bias-free lm_head (a causal LM such as LlamaForCausalLM)")
+    return backbone, head.weight
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+@dataclass
+class _SequenceStats:
+    token_logprobs: np.ndarray  # log-probs of every labelled token (answer + end-of-turn)
+    labels: np.ndarray
+    argmax: np.ndarray | None = None  # teacher-forced greedy predictions at the labelled tokens
+    vocab_mean: np.ndarray | None = None  # E_{v~p}[log p(v)] at each labelled token
+    vocab_var: np.ndarray | None = None
+
+    @property
+    def avg_loss(self) -> float:
+        return float(-self.token_logprobs.mean()) if self.token_logprobs.size else float("nan")
+
+
+def _vocab_statistics(hidden, weight, chunk: int = 256):
+    """Argmax and mean / variance of log p over the vocabulary, a few rows of logits at a time.
+
+    Extraction strength, exact memorisation and min-k%++ need the whole next-token distribution,
+    which the fused log-prob kernel deliberately never forms; ``chunk`` rows bound the memory.
+    """
+    import torch
+
+    am, mu, var = [], [], []
+    for s in range(0, hidden.shape[0], chunk):
+        logits = (hidden[s:s + chunk] @ weight.T).float()
+        lp = torch.log_softmax(logits, dim=-1)
+        p = lp.exp()
+        m = (p * lp).sum(-1)
+        am.append(logits.argmax(-1))
+        mu.append(m)
+        # centred form: E[lp^2] - E[lp]^2 cancels catastrophically when p is nearly uniform
+        var.append((p * (lp - m[:, None]).square()).sum(-1))
+    cat = lambda xs: torch.cat(xs).cpu().numpy() if xs else np.zeros(0)  # noqa: E731
+    return cat(am), cat(mu).astype(np.float64), cat(var).astype(np.float64)
+
+
+class _Scorer:
+    """Teacher-forced statistics of (question, answer) pairs, cached per pair so that splits
+    sharing rows (forget10 and forget10_perturbed) are scored once."""
+
+    def __init__(self, model, tokenizer, *, batch_size, fmt: ChatFormat, progress, backend):
+        self.model, self.tokenizer, self.fmt = model, tokenizer, fmt
+        self.batch_size, self.progress, self.backend = batch_size, progress, backend
+        self.cache: dict[tuple[str, str], _SequenceStats] = {}
+        self.backbone, self.weight = _backbone_and_head(model)
+
+    def score(self, pairs: Sequence[tuple[str, str]], desc: str, vocab: bool = False) -> list[_SequenceStats]:
+        import torch
+        from tqdm.auto import tqdm
+
+        from altpo_kernels import linear_logprobs
+
+        todo = sorted(
+            {p for p in pairs if p not in self.cache or (vocab and self.cache[p].argmax is None)}
+        )
+        encoded = {}
+        for p, e in zip(todo, encode_qa_batch(self.tokenizer, todo, fmt=self.fmt)):
+            encoded[p] = (e.input_ids, e.labels)
+        todo.sort(key=lambda p: len(encoded[p][0]))  # similar lengths share a batch: less padding
+        device = _device(self.model)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        batches = [todo[i:i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
+        for batch in tqdm(batches, desc=desc, disable=not self.progress, leave=False):
+            width = max(len(encoded[p][0]) for p in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            lab = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, p in enumerate(batch):
+                x, y = encoded[p]
+                ids[r, : len(x)] = torch.tensor(x)
+                lab[r, : len(y)] = torch.tensor(y)
+                mask[r, : len(x)] = 1
+            ids, lab, mask = ids.to(device), lab.to(device), mask.to(device)
+            with torch.no_grad():
+                hidden = self.backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                # hidden[t] predicts token t+1
+                target = lab[:, 1:]
+                valid = target != IGNORE_INDEX
+                rows = hidden[:, :-1][valid]
+                labels = target[valid]
+                logp = linear_logprobs(rows, self.weight, labels, backend=self.backend)
+                counts = valid.sum(1).tolist()
+                logp = logp.double().cpu().numpy()
+                labels_np = labels.cpu().numpy()
+                stats = _vocab_statistics(rows, self.weight) if vocab else None
+            start = 0
+            for r, p in enumerate(batch):
+                sl = slice(start, start + counts[r])
+                start += counts[r]
+                s = _SequenceStats(logp[sl], labels_np[sl])
+                if stats is not None:
+                    s.argmax, s.vocab_mean, s.vocab_var = (a[sl] for a in stats)
+                self.cache[p] = s
+        return [self.cache[p] for p in pairs]
+
+
+def answer_probabilities(model, tokenizer, rows: Sequence[Mapping], *, fmt: ChatFormat = ChatFormat(),
+                         batch_size: int = 64, backend: str = "auto") -> list[float]:
+    """Per row, ``exp(-mean answer-token NLL)`` of its ``answer``: TOFU's Q_A_Prob per row, scored
+    exactly as :func:`compute_tofu_metrics` scores it."""
+    was_training = model.training
+    model.eval()
+    try:
+        scorer = _Scorer(model, tokenizer, batch_size=batch_size, fmt=fmt, progress=False, backend=backend)
+        stats = scorer.score([(r["question"], r["answer"]) for r in rows], "Q_A_Prob")
+    finally:
+        model.train(was_training)
+    return [float(np.exp(-s.avg_loss)) for s in stats]
+
+
+def _gradnorm_scores(model, tokenizer, pairs, *, fmt, backend, progress, desc) -> list[float]:
+    """GradNorm attack scores: minus the mean over parameter tensors of the L2 norm of the
+    gradient of the answer's mean token NLL (end-of-turn token left out), one row at a time."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from altpo_kernels import linear_logprobs
+
+    backbone, weight = _backbone_and_head(model)
+    device = _device(model)
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    scores = []
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for q, a in tqdm(pairs, desc=desc, disable=not progress, leave=False):
+            e = encode_qa(tokenizer, q, a, fmt=fmt)
+            ids, labels = e.input_ids, e.labels
+            ids_t = torch.tensor([ids], device=device)
+            target = torch.tensor(labels[1:], device=device)
+            valid = target != IGNORE_INDEX
+            with torch.enable_grad():
+                hidden = backbone(input_ids=ids_t, use_cache=False).last_hidden_state[0, :-1]
+                logp = linear_logprobs(hidden[valid], weight, target[valid], backend=backend)[:-1]
+                if logp.numel() == 0:
+                    scores.append(0.0)
+                    continue
+                grads = torch.autograd.grad(-logp.mean(), params, allow_unused=True)
+            norms = torch.stack([g.float().norm(2) for g in grads if g is not None])
+            scores.append(-float(norms.mean()))
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+    return scores
+
+
+def generate_greedy(model, tokenizer, prompts: Sequence[list[int]], *, batch_size: int,
+                    max_new_tokens: int, progress: bool = True, desc: str = "generating",
+                    sampling: Mapping[str, Any] | None = None) -> list[str]:
+    """Decode continuations of token-id prompts, batched with left padding.
+
+    Greedy unless ``sampling`` gives generation settings (``do_sample``, ``temperature``, ...).
+    Each text is cut at the first end-of-sequence token, decoded without special tokens and
+    stripped.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    device = _device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    cfg = copy.deepcopy(model.generation_config)
+    eos = cfg.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
+    eos.add(tokenizer.eos_token_id)
+    cfg.eos_token_id = sorted(eos)
+    cfg.pad_token_id = pad
+    cfg.max_new_tokens = max_new_tokens
+    cfg.max_length = None
+    if sampling:
+        for k, v in sampling.items():
+            setattr(cfg, k, v)
+    else:
+        cfg.do_sample = False
+        cfg.temperature = cfg.top_p = cfg.top_k = None
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[str | None] = [None] * len(prompts)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        width = max(len(prompts[i]) for i in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, i in enumerate(batch):
+            n = len(prompts[i])
+            ids[r, width - n:] = torch.tensor(prompts[i])
+            mask[r, width - n:] = 1
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=cfg)
+        for r, i in enumerate(batch):
+            new = gen[r, width:].tolist()
+            cut = next((j for j, t in enumerate(new) if t in eos), len(new))
+            out[i] = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
+    return out  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------
+# Retain-model logs
+
+
+def load_retain_logs(retain_logs) -> dict:
+    """The retain model's ``TOFU_EVAL.json`` (a folder holding it, the file, or the dict itself)."""
+    if isinstance(retain_logs, Mapping):
+        logs = dict(retain_logs)
+        if _retain_truth_ratios(logs) is None and _retain_min_k_auc(logs) is None:
+            raise TofuDataError(
+                "the retain-model logs have neither forget_truth_ratio.value_by_index nor "
+                "mia_min_k.agg_value; pass open-unlearning's TOFU_EVAL.json of the retain model"
+            )
+        return logs
+    p = Path(os.path.expanduser(str(retain_logs)))
+    if p.is_dir():
+        p = p / "TOFU_EVAL.json"
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"retain-model logs not found at {p}; pass the folder holding the retain model's "
+            "TOFU_EVAL.json (e.g. ../shared/data/tofu/eval_logs/tofu_Llama-3.2-1B-Instruct_retain90)"
+        )
+    try:
+        logs = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise TofuDataError(f"{p} is not valid JSON ({err.msg}); it should be an open-unlearning TOFU_EVAL.json") from err
+    if not isinstance(logs, dict):
+        raise TofuDataError(f"{p} should hold a JSON object of metrics (open-unlearning's TOFU_EVAL.json)")
+    if _retain_truth_ratios(logs) is None and _retain_min_k_auc(logs) is None:
+        raise TofuDataError(
+            f"{p} has neither forget_truth_ratio.value_by_index nor mia_min_k.agg_value; pass "
+            "open-unlearning's TOFU_EVAL.json of the retain model"
+        )
+    return logs
+
+
+def _retain_truth_ratios(logs: Mapping) -> list[float] | None:
+    try:
+        return [float(v["score"]) for v in logs["forget_truth_ratio"]["value_by_index"].values()]
+    except (KeyError, TypeError):
+        return None
+
+
+def _retain_min_k_auc(logs: Mapping) -> float | None:
+    try:
+        return float(logs["mia_min_k"]["agg_value"])
+    except (KeyError, TypeError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The runner
+
+
+def _say(msg: str, verbose: bool) -> None:
+    if verbose:
+        from tqdm.auto import tqdm
+
+        tqdm.write(msg)
+
+
+def _holdout_name(forget_split: str) -> str:
+    if "forget" not in forget_split:
+        raise ValueError(f"cannot derive a holdout split from {forget_split!r}; pass holdout_split=")
+    return forget_split.replace("forget", "holdout")
+
+
+def compute_tofu_metrics(model, tokenizer, data_dir, forget_split: str = "forget10", *,
+                         retain_logs=None, batch_size: int = 16, max_new_tokens: int = 200,
+                         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+                         date_string: str | None = DEFAULT_DATE_STRING,
+                         splits: Sequence[str] = METRIC_GROUPS, holdout_split: str | None = None,
+                         max_rows: int | None = None, min_k: float = 0.4, progress: bool = True,
+                         verbose: bool = True, backend: str = "auto") -> dict:
+    """All requested TOFU metrics as the ``TOFU_EVAL.json`` dictionary (see ``evaluate_tofu``)."""
+    import torch
+
+    unknown = [s for s in splits if s not in METRIC_GROUPS]
+    if unknown or not splits:
+        raise ValueError(f"splits must be a non-empty subset of {METRIC_GROUPS}; got {list(splits)}")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
+    if not 0 < min_k <= 1:
+        raise ValueError(f"min_k must be in (0, 1], got {min_k}")
+    check_chat_tokenizer(tokenizer)
+    groups = [g for g in METRIC_GROUPS if g in splits]
+    holdout = holdout_split or (
+        _holdout_name(forget_split) if {"mia", "gradnorm"} & set(groups) else None)
+    names = required_splits(forget_split, groups, holdout)
+    check_tofu_source(data_dir, names)
+    retain = load_retain_logs(retain_logs) if retain_logs is not None else None
+    data = {n: load_tofu_rows(data_dir, n, max_rows) for n in names}
+
+    was_training = model.training
+    model.eval()
+    fmt = ChatFormat(system_prompt or None, date_string)
+    scorer = _Scorer(model, tokenizer, batch_size=batch_size, fmt=fmt, progress=progress, backend=backend)
+    logs: dict[str, Any] = {}
+
+    def avg_losses(rows, key, desc, vocab=False):
+        """Per row: avg NLL of row[key] (a string or a list of strings)."""
+        flat = []
+        for r in rows:
+            answers = r[key] if isinstance(r[key], list) else [r[key]]
+            flat += [(r["question"], a) for a in answers]
+        stats = iter(scorer.score(flat, desc, vocab))
+        out = []
+        for r in rows:
+            if isinstance(r[key], list):
+                out.append([next(stats).avg_loss for _ in r[key]])
+            else:
+                out.append(next(stats).avg_loss)
+        return out
+
+    def rouge(rows, desc):
+        prompts = [encode_prompt(tokenizer, r["question"], fmt) for r in rows]
+        gens = generate_greedy(model, tokenizer, prompts, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, progress=progress, desc=desc)
+        inputs = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+        truths = []
+        for r in rows:
+            labels = encode_qa(tokenizer, r["question"], r["answer"], fmt=fmt).labels
+            answer_ids = [t for t in labels if t != IGNORE_INDEX]
+            truths.append(tokenizer.decode(answer_ids, skip_special_tokens=True).strip())
+        return M.rouge_metric(gens, truths, inputs)
+
+    try:
+        if "forget" in groups:
+            name = f"{forget_split}_perturbed"
+            rows = data[name]
+            _require_fields(rows, ("question", "answer", "paraphrased_answer", "perturbed_answer"), name)
+            logs["forget_Q_A_Prob"] = M.probability_metric(avg_losses(rows, "answer", "forget_Q_A_Prob"))
+            para = avg_losses(rows, "paraphrased_answer", "forget_Q_A_PARA_Prob")
+            pert = avg_losses(rows, "perturbed_answer", "forget_Q_A_PERT_Prob")
+            logs["forget_Q_A_PARA_Prob"] = M.probability_metric(para)
+            logs["forget_Q_A_PERT_Prob"] = M.probability_metric(pert)
+            logs["forget_truth_ratio"] = M.truth_ratio_metric(para, pert, "closer_to_1_better")
+            logs["forget_Q_A_ROUGE"] = rouge(rows, "forget_Q_A_ROUGE")
+            ref = _retain_truth_ratios(retain) if retain is not None else None
+            if ref is None:
+                _say("forget_quality skipped: it needs the retain model's logs (--retain-logs) with "
+                     "forget_truth_ratio", verbose)
+                logs["forget_quality"] = {"agg_value": None}
+            else:
+                ours = [v["score"] for v in logs["forget_truth_ratio"]["value_by_index"].values()]
+                logs["forget_quality"] = {"agg_value": M.forget_quality(ours, ref)}
+
+        for group, prefix, split, correct_key in (
+            ("retain", "retain", "retain_perturbed", "paraphrased_answer"),
+            ("ra", "ra", "real_authors_perturbed", "answer"),
+            ("wf", "wf", "world_facts_perturbed", "answer"),
+        ):
+            if group not in groups:
+                continue
+            rows = data[split]
+            _require_fields(rows, ("question", "answer", correct_key, "perturbed_answer"), split)
+            qa = avg_losses(rows, "answer", f"{prefix}_Q_A_Prob")
+            logs[f"{prefix}_Q_A_Prob"] = M.probability_metric(qa)
+            pert = avg_losses(rows, "perturbed_answer", f"{prefix}_Q_A_PERT_Prob")
+            logs[f"{prefix}_Q_A_PERT_Prob"] = M.probability_metric(pert)
+            if group == "retain":
+                correct = avg_losses(rows, correct_key, "retain_Q_A_PARA_Prob")
+                logs["retain_Q_A_PARA_Prob"] = M.probability_metric(correct)
+            else:
+                correct = qa
+                logs[f"{prefix}_Q_A_Prob_normalised"] = M.normalised_probability_metric(
+                    [math.exp(-x) for x in qa], [[math.exp(-x) for x in w] for w in pert]
+                )
+            logs[f"{prefix}_Truth_Ratio"] = M.truth_ratio_metric(correct, pert, "true_better")
+            logs[f"{prefix}_Q_A_ROUGE"] = rouge(rows, f"{prefix}_Q_A_ROUGE")
+
+        if all(g in groups for g in ("retain", "ra", "wf")):
+            logs["model_utility"] = {
+                "agg_value": M.model_utility({k: logs[k]["agg_value"] for k in M.MODEL_UTILITY_PARTS})
+            }
+        else:
+            _say("model_utility skipped: it needs the retain, ra and wf metric groups", verbose)
+
+        if "memorization" in groups:
+            name = f"{forget_split}_perturbed"
+            rows = data[name]
+            _require_fields(rows, ("question", "answer"), name)
+            stats = scorer.score([(r["question"], r["answer"]) for r in rows], "extraction_strength", vocab=True)
+            # like open-unlearning, the end-of-turn token is left out of the token-level scores
+            logs["extraction_strength"] = M.score_metric(
+                [M.extraction_strength_score(s.argmax[:-1], s.labels[:-1]) for s in stats])
+            logs["exact_memorization"] = M.score_metric(
+                [M.exact_memorization_score(s.argmax[:-1], s.labels[:-1]) for s in stats])
+
+        if "mia" in groups:
+            sides = {}
+            for side, name in (("forget", forget_split), ("holdout", holdout)):
+                rows = data[name]
+                _require_fields(rows, ("question", "answer"), name)
+                pairs = [(r["question"], r["answer"]) for r in rows]
+                stats = scorer.score(pairs, f"mia_{side}", vocab=True)
+                texts = []
+                for s in stats:
+                    texts.append(tokenizer.decode(s.labels.tolist(), skip_special_tokens=True))
+                sides[side] = {
+                    "loss": [s.avg_loss for s in stats],
+                    "zlib": [M.zlib_score(s.avg_loss, t) for s, t in zip(stats, texts)],
+                    "min_k": [M.min_k_score(s.token_logprobs[:-1], min_k) for s in stats],
+                    "min_k_plus_plus": [
+                        M.min_k_plus_plus_score(s.token_logprobs[:-1], s.vocab_mean[:-1], s.vocab_var[:-1], min_k)
+                        for s in stats
+                    ],
+                }
+            for attack in ("loss", "zlib", "min_k", "min_k_plus_plus"):
+                logs[f"mia_{attack}"] = M.mia_metric(sides["forget"][attack], sides["holdout"][attack])
+        if "gradnorm" in groups:
+            sides = {}
+            for side, name in (("forget", forget_split), ("holdout", holdout)):
+                rows = data[name]
+                _require_fields(rows, ("question", "answer"), name)
+                sides[side] = _gradnorm_scores(model, tokenizer, [(r["question"], r["answer"]) for r in rows],
+                                               fmt=fmt, backend=backend, progress=progress,
+                                               desc=f"mia_gradnorm_{side}")
+            logs["mia_gradnorm"] = M.mia_metric(sides["forget"], sides["holdout"])
+
+        if "mia" in groups:
+            ref_auc = _retain_min_k_auc(retain) if retain is not None else None
+            if ref_auc is None:
+                _say("privleak skipped: it needs the retain model's logs (--retain-logs) with mia_min_k", verbose)
+                logs["privleak"] = {"agg_value": None}
+            else:
+                logs["privleak"] = {"agg_value": M.privleak(logs["mia_min_k"]["agg_value"], ref_auc)}
+    finally:
+        if was_training:
+            model.train()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return {k: logs[k] for k in sorted(logs)}
+
+
+def _clean(obj):
+    """Python floats for JSON; NaN and infinities become null."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(float(obj)) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_clean(obj), indent=4), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def format_headline_table(summary: Mapping[str, float], retain_logs: Mapping | None = None) -> str:
+    """The headline metrics as a text table, with the retain model's values when given."""
+    rows = [("metric", "this model") + (("retain model",) if retain_logs else ())]
+    for name in HEADLINE_METRICS:
+        ours = summary.get(name)
+        theirs = None
+        if retain_logs:
+            theirs = (retain_logs.get(name) or {}).get("agg_value")
+        if ours is None and theirs is None:
+            continue
+        fmt = lambda v: "-" if v is None else (f"{v:.4g}" if abs(v) < 1e-3 and v != 0 else f"{v:.4f}")  # noqa: E731
+        rows.append((name, fmt(ours)) + ((fmt(theirs),) if retain_logs else ()))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def evaluate_tofu(model, tokenizer, data_dir, forget_split: str = "forget10", *, retain_logs=None,
+                  output_dir=None, batch_size: int = 16, max_new_tokens: int = 200,
+                  system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+                  date_string: str | None = DEFAULT_DATE_STRING,
+                  splits: Sequence[str] = METRIC_GROUPS, holdout_split: str | None = None,
+                  max_rows: int | None = None, min_k: float = 0.4, progress: bool = True,
+                  verbose: bool = True, backend: str = "auto") -> dict:
+    """Evaluate ``model`` on TOFU as open-unlearning does; return the summary (metric -> value).
+
+    Args:
+        model: a transformers causal LM (``model.model`` backbone + ``lm_head``), already on its
+            device and in its dtype.
+        tokenizer: its tokenizer, with a chat template.
+        data_dir: a folder of TOFU JSON Lines files (``forget10_perturbed.json``, ...) or a hub
+            id (``locuslab/TOFU``, through ``datasets``).
+        forget_split: ``forget01``, ``forget05`` or ``forget10``.
+        retain_logs: the retain model's ``TOFU_EVAL.json`` (its folder, the file or the loaded
+            dict); needed for forget_quality and privleak, which are otherwise skipped (null).
+        output_dir: where to write ``TOFU_EVAL.json`` and ``TOFU_SUMMARY.json`` (nothing is
+            written when None).
+        batch_size: sequences per forward pass and prompts per ``generate`` call.
+        max_new_tokens: greedy generation budget for the ROUGE metrics.
+        system_prompt, date_string: the chat template's system prompt and date (None: omitted).
+        splits: metric groups to compute, a subset of ``METRIC_GROUPS``: ``forget`` (Q_A_Prob,
+            PARA/PERT, truth ratio, ROUGE, forget_quality), ``retain``, ``ra`` (real authors),
+            ``wf`` (world facts), ``mia`` (loss, zlib, min-k, min-k++ MIA AUCs and privleak),
+            ``gradnorm`` (the GradNorm MIA: one backward pass per row), ``memorization``
+            (extraction strength, exact memorisation). model_utility needs retain, ra and wf.
+        holdout_split: the MIA holdout split (default: ``forget`` replaced by ``holdout``).
+        max_rows: use only the first rows of every split (quick checks, tests).
+        min_k: the fraction of lowest-probability tokens for the min-k% attacks.
+        progress: tqdm bars; verbose: print skipped metrics and the headline table.
+        backend: ``altpo_kernels.linear_logprobs`` backend.
+    """
+    retain = load_retain_logs(retain_logs) if retain_logs is not None else None
+    if output_dir is not None:
+        out = Path(output_dir)
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"output_dir {out} exists and is not a folder; choose another path")
+    logs = compute_tofu_metrics(
+        model, tokenizer, data_dir, forget_split, retain_logs=retain, batch_size=batch_size,
+        max_new_tokens=max_new_tokens, system_prompt=system_prompt, date_string=date_string,
+        splits=splits, holdout_split=holdout_split, max_rows=max_rows, min_k=min_k,
+        progress=progress, verbose=verbose, backend=backend,
+    )
+    summary = M.summary_from_eval(logs)
+    if output_dir is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "TOFU_EVAL.json", logs)
+        _write_json(out / "TOFU_SUMMARY.json", summary)
+    if verbose:
+        print(format_headline_table(summary, retain))
+        if output_dir is not None:
+            print(f"wrote {out / 'TOFU_EVAL.json'} and {out / 'TOFU_SUMMARY.json'}")
+    return summary

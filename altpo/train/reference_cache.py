@@ -1,0 +1,154 @@
+"""Reference log-probs, computed once and kept in a safetensors file instead of a second model.
+
+AltPO's reference is the frozen starting model and its data never changes, so the reference
+sequence log-probs of every forget answer and every alternate are fixed numbers: a few thousand
+floats. They are computed once with the starting weights (packed, through ``linear_logprobs``),
+stored with a key, and reused by every later run whose key matches. The key is a sha256 over the
+model's weights (names, dtypes, shapes, bytes), every token and label of the scored sequences
+(which covers data, tokenizer, chat template and ``--max-length``) and the compute dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from altpo.errors import UserError
+from altpo.train.step import sequence_logprobs
+
+if TYPE_CHECKING:
+    from altpo.train.config import TrainConfig
+
+FORMAT = "altpo-reference-logprobs-v1"
+
+
+@dataclass
+class ReferenceLogprobs:
+    """Reference sequence log-probs: ``forget`` [Q] per forget question, ``alternates`` [P] per pair."""
+
+    forget: torch.Tensor
+    alternates: torch.Tensor
+    key: str
+    path: Path | None = None
+    reused: bool = False
+
+
+def model_fingerprint(model) -> str:
+    """sha256 of a model's weights: every state-dict entry's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())  # no extra copy
+    return h.hexdigest()
+
+
+def cache_key(model_hash: str, data_hash: str, dtype: torch.dtype) -> str:
+    """The cache key: weights, scored tokens, and the dtype the log-probs were computed in."""
+    return hashlib.sha256(f"{FORMAT}|{model_hash}|{data_hash}|{dtype}".encode()).hexdigest()
+
+
+def load_reference_logprobs(path: str | Path, key: str) -> ReferenceLogprobs | None:
+    """The cached log-probs at ``path`` if the file exists and holds ``key``; else None."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT or meta.get("key") != key:
+                return None
+            forget, alternates = f.get_tensor("forget"), f.get_tensor("alternates")
+    except Exception:  # an unreadable or truncated file is a cache miss, not an error
+        return None
+    return ReferenceLogprobs(forget, alternates, key, path, reused=True)
+
+
+def save_reference_logprobs(path: str | Path, ref: ReferenceLogprobs, extra: dict | None = None) -> None:
+    """Write atomically (temporary file, then rename), so a crash never leaves half a cache."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    meta = {"format": FORMAT, "key": ref.key, **{k: str(v) for k, v in (extra or {}).items()}}
+    save_file({"forget": ref.forget.contiguous(), "alternates": ref.alternates.contiguous()},
+              str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def compute_reference_logprobs(model, data, key: str, *, tokens_per_microbatch: int,
+                               loss_backend: str = "auto",
+                               progress: Callable[[int], None] | None = None) -> ReferenceLogprobs:
+    """Log-probs of every forget answer and alternate of ``data`` (an AltPOData) under ``model``."""
+    was_training = model.training
+    model.eval()
+    try:
+        seqs = [(s.input_ids, s.labels) for s in data.forget] + \
+               [(s.input_ids, s.labels) for s in data.alternates]
+        logps = sequence_logprobs(model, seqs, tokens_per_microbatch=tokens_per_microbatch,
+                                  loss_backend=loss_backend, progress=progress)
+    finally:
+        model.train(was_training)
+    q = len(data.forget)
+    return ReferenceLogprobs(logps[:q].clone(), logps[q:].clone(), key)
+
+
+def cached_reference_logprobs(model, data, key, path: Path, budget, config, dist, say) -> ReferenceLogprobs:
+    """The run's reference log-probs: reused from ``path`` when its key matches, else computed on
+    rank 0 with the starting weights, saved, and read back by the other ranks."""
+    # rank 0 decides for everyone: a rank that looked on its own could see the file rank 0 has
+    # just written and skip the barrier the others wait in
+    ref = load_reference_logprobs(path, key) if dist.rank == 0 else None
+    if dist.broadcast_flag(ref is not None):
+        if ref is None:
+            ref = load_reference_logprobs(path, key)
+        if ref is None:
+            raise UserError(f"reference cache {path} is not readable from rank {dist.rank}; "
+                            "all processes need the same filesystem")
+        say(f"reference log-probs: reusing {path}")
+        return ref
+    if dist.rank == 0:
+        n = len(data.forget) + len(data.alternates)
+        bar = say.bar(n, "reference log-probs")
+        ref = compute_reference_logprobs(model, data, key, tokens_per_microbatch=budget,
+                                         loss_backend=config.loss_backend, progress=bar.update)
+        bar.close()
+        ref.path = path
+        save_reference_logprobs(path, ref, {"model": config.model, "forget_split": config.forget_split,
+                                            "alternates": config.alternates})
+        say(f"reference log-probs: computed {n} sequences, cached in {path}")
+    dist.barrier()
+    if dist.rank != 0:
+        ref = load_reference_logprobs(path, key)
+        if ref is None:
+            raise UserError(f"reference cache {path} is not readable from rank {dist.rank}; "
+                            "all processes need the same filesystem")
+    return ref
+
+
+def resident_reference(ref_model, config: TrainConfig, budget: int):
+    """A ``before_forward`` hook that scores each micro-batch's pairs with the resident reference."""
+    from altpo_kernels import linear_logprobs
+
+    from altpo.train.step import last_hidden_states, output_weight
+
+    @torch.no_grad()
+    def fill(mb):
+        if mb.num_pairs == 0:
+            return mb
+        hidden = last_hidden_states(ref_model, mb)
+        token_logp = linear_logprobs(hidden, output_weight(ref_model), mb.labels,
+                                     backend=config.loss_backend)
+        per_seq = torch.zeros(len(mb.seq_lens), dtype=torch.float32, device=hidden.device)
+        per_seq.index_add_(0, mb.seq_ids, token_logp.float())
+        mb.ref_win_logps = per_seq[mb.win_seqs]
+        mb.ref_lose_logps = per_seq[mb.lose_seqs]
+        return mb
+
+    return fill

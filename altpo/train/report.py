@@ -1,0 +1,190 @@
+"""What a run tells: its result, each step's metrics record, the progress bar, the summary."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from altpo.errors import UserError
+from altpo.train.step import StepStats
+
+
+class NonFiniteLossError(UserError):
+    """The loss or gradient became NaN or infinite; no update was applied for that step."""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did. ``history`` holds every step's metrics record of this process."""
+
+    output_dir: Path
+    steps_done: int
+    total_steps: int
+    completed: bool
+    interrupted: str | None = None
+    last_metrics: dict | None = None
+    tokens_per_second: float = 0.0
+    wall_time_s: float = 0.0
+    peak_memory_bytes: int | None = None
+    reference_cache: Path | None = None
+    reference_reused: bool = False
+    checkpoint: Path | None = None
+    tokens_per_microbatch: int = 0
+    predicted_peak_bytes: int | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+@contextmanager
+def transformers_bars(enabled: bool):
+    """transformers' own loading/saving bars follow --quiet (and rank 0)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not enabled:
+            hf_logging.enable_progress_bar()
+
+
+def non_finite_message(step: int, stats: StepStats, grad_norm: float, checkpoint) -> str:
+    where = (f"the last good checkpoint is {checkpoint} (continue with --resume after changing "
+             "what caused it)" if checkpoint else "no checkpoint was written yet (--save-every N "
+             "writes them)")
+    return (f"the loss became non-finite at step {step} (loss {stats.loss}, forget part "
+            f"{stats.forget_loss}, retain part {stats.retain_loss}, gradient norm {grad_norm}); "
+            f"the update was not applied and the final model was not written; {where}. Lower "
+            "--lr, check the data, or train in fp32 weights (--dtype fp32)")
+
+
+def metrics_record(step: int, steps_per_epoch: int, lr: float, stats: StepStats, step_time: float,
+                    device) -> dict:
+    pairs = max(stats.num_pairs, 1)
+    return {
+        "step": step,
+        "epoch": round(step / steps_per_epoch, 4),
+        "lr": lr,
+        "loss": stats.loss,
+        "forget_loss": stats.forget_loss,
+        "retain_loss": stats.retain_loss,
+        "grad_norm": stats.grad_norm,
+        "delta_mean": stats.delta_sum / pairs,
+        "alternate_logp_mean": stats.alternate_logp_sum / pairs,
+        "forget_logp_mean": stats.forget_logp_sum / pairs,
+        "tokens": stats.num_tokens,
+        "sequences": stats.num_sequences,
+        "micro_batches": stats.num_micro_batches,
+        "step_time_s": round(step_time, 4),
+        "tokens_per_s": round(stats.num_tokens / step_time, 1) if step_time > 0 else None,
+        "memory_bytes": peak_memory(device),
+    }
+
+
+def summary_dict(result: TrainResult) -> dict:
+    return {
+        "output_dir": str(result.output_dir), "steps_done": result.steps_done,
+        "total_steps": result.total_steps, "completed": result.completed,
+        "interrupted": result.interrupted, "tokens_per_second": result.tokens_per_second,
+        "wall_time_s": result.wall_time_s, "peak_memory_bytes": result.peak_memory_bytes,
+        "reference_cache": str(result.reference_cache) if result.reference_cache else None,
+        "reference_reused": result.reference_reused,
+        "tokens_per_microbatch": result.tokens_per_microbatch,
+        "predicted_peak_bytes": result.predicted_peak_bytes,
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        "last_metrics": result.last_metrics,
+    }
+
+
+def peak_memory(device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+    except Exception:
+        return None
+
+
+def gib(n) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+class _NullBar:
+    def update(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+class _StepBar:
+    def __init__(self, total, initial):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, record):
+        self.bar.set_postfix_str(
+            f"loss {record['loss']:.4f} (forget {record['forget_loss']:.4f}, retain "
+            f"{record['retain_loss']:.4f}) {record['tokens_per_s'] or 0:.0f} tok/s "
+            f"mem {gib(record['memory_bytes'])}", refresh=False)
+        self.bar.update(1)
+
+    def close(self):
+        self.bar.close()
+
+
+class Printer:
+    """Notes and bars on rank 0 unless quiet; the summary on stdout."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    def bar(self, total: int, desc: str):
+        if self.quiet:
+            return _NullBar()
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit="seq", dynamic_ncols=True)
+
+    def progress(self, total: int, initial: int):
+        return _NullBar() if self.quiet else _StepBar(total, initial)
+
+    def summary(self, result: TrainResult) -> None:
+        if self.quiet:
+            return
+        m = result.last_metrics or {}
+        state = ("finished" if result.completed else
+                 f"interrupted ({result.interrupted})" if result.interrupted else "stopped")
+        lines = [
+            f"AltPO training {state}: {result.steps_done}/{result.total_steps} steps in "
+            f"{result.wall_time_s:.1f} s, {result.tokens_per_second:.0f} tokens/s, peak memory "
+            f"{gib(result.peak_memory_bytes)}",
+        ]
+        if result.predicted_peak_bytes is not None:
+            lines.append(f"  memory: predicted peak {gib(result.predicted_peak_bytes)} (memory "
+                         f"plan), measured {gib(result.peak_memory_bytes)} "
+                         "(torch.cuda.max_memory_allocated)")
+        if m:
+            lines.append(f"  last step: loss {m['loss']:.4f} = forget {m['forget_loss']:.4f} x "
+                         f"gamma + retain {m['retain_loss']:.4f} x alpha; mean delta "
+                         f"{m['delta_mean']:.4f}")
+        if result.reference_cache:
+            lines.append(f"  reference log-probs: {result.reference_cache} "
+                         f"({'reused' if result.reference_reused else 'computed'})")
+        if result.completed:
+            lines.append(f"  model: {result.output_dir} (AutoModelForCausalLM.from_pretrained)")
+        if result.checkpoint:
+            lines.append(f"  checkpoint: {result.checkpoint} (continue with --resume)")
+        print("\n".join(lines), flush=True)

@@ -1,0 +1,67 @@
+"""The run's output folder: what it holds, whether a run may start in it, and its metrics file.
+
+A folder holds one run: ``train_config.json``, ``metrics.jsonl`` (one record per step),
+``checkpoints/step-N`` (resumable state), ``reference_logprobs.safetensors`` (the cached
+reference), ``train_summary.json`` and, when the run completed, the ``save_pretrained`` model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from altpo.errors import UserError
+from altpo.train.checkpoint import latest_checkpoint
+from altpo.train.config import TRAJECTORY_SETTINGS, TrainConfig
+
+REF_CACHE_NAME = "reference_logprobs.safetensors"
+
+METRICS_NAME = "metrics.jsonl"
+
+CONFIG_NAME = "train_config.json"
+
+SUMMARY_NAME = "train_summary.json"
+
+
+def check_output_folder(out: Path, config: TrainConfig) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run); raises when the folder is not usable."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} exists and is not a folder")
+    earlier_run = out.is_dir() and any(
+        (out / name).exists() for name in ("config.json", "checkpoints", METRICS_NAME, CONFIG_NAME))
+    if config.resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise UserError(f"--resume: no checkpoint in {out}/checkpoints; start without --resume "
+                            "(checkpoints are written with --save-every N and on interruption)")
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        saved = state.get("settings", {})
+        changed = [k for k in TRAJECTORY_SETTINGS if k in saved and saved[k] != getattr(config, k)]
+        if changed:
+            detail = ", ".join(f"{k}: {saved[k]!r} -> {getattr(config, k)!r}" for k in changed[:5])
+            raise UserError(f"--resume: settings differ from the checkpoint's ({detail}); resume with "
+                            f"the same settings, or start a new run in another --output")
+        return ckpt
+    if earlier_run and not config.overwrite:
+        raise UserError(f"--output {out} already holds a run; add --resume to continue it, "
+                        "--overwrite to start over, or choose another folder")
+    return None
+
+
+def checkpoint_master_mode(checkpoint: Path | None) -> str | None:
+    """The master-weights mode a checkpoint's optimizer state was saved in."""
+    if checkpoint is None:
+        return None
+    return json.loads((checkpoint / "trainer_state.json").read_text()).get("master_weights")
+
+
+def trim_metrics(path: Path, keep_up_to: int) -> None:
+    """On resume, drop records of steps after the checkpoint (they will be redone)."""
+    if not path.exists():
+        return
+    if keep_up_to == 0:
+        path.unlink()
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= keep_up_to]
+    path.write_text("".join(line + "\n" for line in kept))

@@ -1,0 +1,270 @@
+"""One AltPO optimizer step over packed micro-batches: backbone, fused loss, backward, update.
+
+The model's backbone runs each packed row to its last hidden states; :func:`altpo_kernels.altpo_loss`
+turns them and the lm_head weight into the loss without materialising logits. Normalisers are
+those of the whole step (``num_pairs`` forget pairs and ``num_retain_tokens`` retain answer tokens
+over all micro-batches and all ranks), so summing micro-batch gradients gives the step's gradient
+exactly, whatever the packing.
+
+Public pieces (the trainer, the reference cache, evaluation and the step benchmark use them):
+:func:`last_hidden_states`, :class:`PackedAltPOLoss`, :func:`forward_backward`,
+:func:`sequence_logprobs`, :func:`altpo_step` and :func:`synthetic_step_units`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from altpo_kernels import altpo_loss, linear_logprobs
+from altpo_kernels.altpo_loss import AltPOLossOutput
+
+from altpo.model.packed_attention import packed_attention_kwargs
+from altpo.data.packing import (
+    ROLE_ALTERNATE,
+    ROLE_FORGET,
+    ROLE_RETAIN,
+    MicroBatch,
+    PackUnit,
+    num_loss_tokens,
+    pack_micro_batches,
+    sequence_units,
+)
+
+
+def backbone(model) -> nn.Module:
+    """The decoder stack of a causal LM (``model.model`` for Llama): input ids to hidden states."""
+    return getattr(model, model.base_model_prefix)
+
+
+def output_weight(model) -> torch.Tensor:
+    """The lm_head weight [vocab, hidden] (tied or not)."""
+    return model.get_output_embeddings().weight
+
+
+def last_hidden_states(model, mb: MicroBatch) -> torch.Tensor:
+    """[T, H] last hidden states of a packed micro-batch (packed attention must be enabled)."""
+    kwargs = packed_attention_kwargs(mb.seq_lens, mb.input_ids.device)
+    out = backbone(model)(input_ids=mb.input_ids[None], position_ids=mb.position_ids[None], **kwargs)
+    return out.last_hidden_state[0]
+
+
+def _retain_only_loss(hidden, weight, mb: MicroBatch, alpha: float, num_retain_tokens: float,
+                      backend: str) -> AltPOLossOutput:
+    # altpo_loss needs at least one pair; a micro-batch of retain rows only has just the NLL term.
+    # A retain row listed n times (drawn n times) weighs n times, as in altpo_loss.
+    weights = torch.zeros(len(mb.seq_lens), device=hidden.device)
+    weights.index_add_(0, mb.retain_seqs, torch.ones_like(mb.retain_seqs, dtype=weights.dtype))
+    token_logp = linear_logprobs(hidden, weight, mb.labels, backend=backend)
+    retain = -(token_logp * weights[mb.seq_ids]).sum() / float(num_retain_tokens)
+    zero = retain.new_zeros(())
+    empty = retain.new_zeros((0,))
+    return AltPOLossOutput(alpha * retain, zero.detach(), retain, empty, empty, empty, 0.0,
+                           float(num_retain_tokens))
+
+
+class PackedAltPOLoss(nn.Module):
+    """The model plus the AltPO loss: ``forward(micro_batch, num_pairs, num_retain_tokens)``.
+
+    One module for the whole computation so that torch's DistributedDataParallel can wrap it: its
+    forward runs the backbone and the fused loss (which uses the lm_head weight), and every
+    parameter gets its gradient in the backward of that output.
+    """
+
+    def __init__(self, model, *, beta: float = 0.5, alpha: float = 2.0, gamma: float = 1.0,
+                 loss_backend: str = "auto"):
+        super().__init__()
+        self.model = model
+        self.beta, self.alpha, self.gamma, self.loss_backend = beta, alpha, gamma, loss_backend
+
+    def forward(self, mb: MicroBatch, num_pairs: float, num_retain_tokens: float) -> AltPOLossOutput:
+        hidden = last_hidden_states(self.model, mb)
+        weight = output_weight(self.model)
+        if mb.num_pairs == 0:
+            return _retain_only_loss(hidden, weight, mb, self.alpha, num_retain_tokens, self.loss_backend)
+        return altpo_loss(
+            hidden, weight, mb.labels, mb.seq_ids, mb.win_seqs, mb.lose_seqs, mb.retain_seqs,
+            mb.ref_win_logps, mb.ref_lose_logps, beta=self.beta, alpha=self.alpha, gamma=self.gamma,
+            num_pairs=num_pairs, num_retain_tokens=max(float(num_retain_tokens), 1.0),
+            backend=self.loss_backend,
+        )
+
+
+@dataclass
+class StepStats:
+    """What one rank's share of a step computed (loss parts under the step's normalisers)."""
+
+    loss: float
+    forget_loss: float
+    retain_loss: float
+    delta_sum: float
+    alternate_logp_sum: float
+    forget_logp_sum: float
+    num_pairs: int
+    num_tokens: int
+    num_sequences: int
+    num_micro_batches: int
+    grad_norm: float | None = None
+
+    def as_tensor(self, device) -> torch.Tensor:
+        """The summable fields as one float64 vector (for one all-reduce across ranks)."""
+        return torch.tensor([self.loss, self.forget_loss, self.retain_loss, self.delta_sum,
+                             self.alternate_logp_sum, self.forget_logp_sum, self.num_pairs,
+                             self.num_tokens, self.num_sequences, self.num_micro_batches],
+                            dtype=torch.float64, device=device)
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor, grad_norm=None) -> "StepStats":
+        v = t.tolist()
+        return cls(*v[:6], *(int(x) for x in v[6:]), grad_norm=grad_norm)
+
+
+class StepStatsSum:
+    """Adds micro-batch loss outputs up into one :class:`StepStats`, with no host sync per add."""
+
+    def __init__(self, device):
+        self.sums = torch.zeros(6, dtype=torch.float64, device=device)
+        self.tokens = self.sequences = self.pairs = self.micro_batches = 0
+
+    def add(self, out, mb: MicroBatch) -> None:
+        parts = [out.loss.detach(), out.forget_loss.detach(), out.retain_loss.detach(),
+                 out.delta.sum(), out.win_logps.sum(), out.lose_logps.sum()]
+        self.sums += torch.stack([p.double() for p in parts]).to(self.sums.device)
+        self.tokens += mb.num_tokens
+        self.sequences += len(mb.seq_lens)
+        self.pairs += mb.num_pairs
+        self.micro_batches += 1
+
+    def result(self) -> StepStats:
+        v = self.sums.tolist()
+        return StepStats(v[0], v[1], v[2], v[3], v[4], v[5], self.pairs, self.tokens,
+                         self.sequences, self.micro_batches)
+
+
+def forward_backward(loss_module: nn.Module, micro_batches: Sequence[MicroBatch], *,
+                     num_pairs: float, num_retain_tokens: float, loss_scale: float = 1.0,
+                     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+                     device=None, before_forward: Callable[[MicroBatch], MicroBatch] | None = None,
+                     forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+                     ) -> StepStats:
+    """Forward and backward of every micro-batch; gradients accumulate in the parameters.
+
+    ``loss_module`` is a :class:`PackedAltPOLoss` (or DDP around one). ``loss_scale`` multiplies
+    each backward (DDP averages gradients over ranks; the step-level normalisers want their sum,
+    so the trainer passes the world size). ``no_sync`` is DDP's ``no_sync``: all but the last
+    micro-batch skip the gradient all-reduce. ``before_forward`` may rewrite a micro-batch on
+    the device (the resident reference fills in its log-probs there). ``forward_context`` wraps
+    each forward (not the backward), e.g. to park saved activations in CPU memory.
+    """
+    totals = StepStatsSum(device)
+    for i, mb in enumerate(micro_batches):
+        if device is not None:
+            mb = mb.to(device)
+        if before_forward is not None:
+            mb = before_forward(mb)
+        last = i == len(micro_batches) - 1
+        ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
+        with ctx:
+            with forward_context() if forward_context is not None else contextlib.nullcontext():
+                out = loss_module(mb, num_pairs, num_retain_tokens)
+            (out.loss * loss_scale).backward()
+        totals.add(out, mb)
+    return totals.result()
+
+
+@torch.no_grad()
+def sequence_logprobs(model, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], *,
+                      tokens_per_microbatch: int, loss_backend: str = "auto", device=None,
+                      progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Summed answer-token log-probs of each ``(input_ids, labels)`` sequence, fp32 [S] on the CPU.
+
+    Sequences are packed (packed attention must be enabled on ``model``); log-probs come from
+    ``linear_logprobs`` on the last hidden states, so no [tokens, vocab] logits are made.
+    ``progress(n)`` is called with the number of sequences done after each micro-batch.
+    """
+    if device is None:
+        device = output_weight(model).device
+    out = torch.zeros(len(sequences), dtype=torch.float32)
+    weight = output_weight(model)
+    for mb in pack_micro_batches(sequence_units(sequences), tokens_per_microbatch):
+        mb = mb.to(device)
+        hidden = last_hidden_states(model, mb)
+        token_logp = linear_logprobs(hidden, weight, mb.labels, backend=loss_backend)
+        per_seq = torch.zeros(len(mb.seq_lens), dtype=torch.float32, device=device)
+        per_seq.index_add_(0, mb.seq_ids, token_logp.float())
+        keys = torch.tensor([u.key for u in mb.units], dtype=torch.long)
+        out[keys] = per_seq[torch.tensor(mb.unit_offsets, device=device)].cpu()
+        if progress is not None:
+            progress(len(mb.units))
+    return out
+
+
+def step_normalisers(units: Sequence[PackUnit]) -> tuple[int, int]:
+    """``(num_pairs, num_retain_tokens)`` of the units of a whole step (one process)."""
+    pairs = sum(len(u.pairs) for u in units)
+    retain = sum(num_loss_tokens(u.sequences[r][1]) for u in units for r in u.retain)
+    return pairs, retain
+
+
+def altpo_step(loss_module: PackedAltPOLoss, optimizer, units: Sequence[PackUnit], *,
+               tokens_per_microbatch: int, lr: float, max_grad_norm: float | None = 1.0,
+               device=None) -> StepStats:
+    """One whole single-process optimizer step: pack, forward/backward, clip, update.
+
+    ``optimizer`` is an :class:`altpo.train.master_weights.MixedPrecisionAdamW` over the model's
+    parameters. This is what the trainer does per step (minus data-parallel plumbing), in one call
+    for benchmarks.
+    """
+    num_pairs, num_retain_tokens = step_normalisers(units)
+    micro_batches = pack_micro_batches(units, tokens_per_microbatch)
+    stats = forward_backward(loss_module, micro_batches, num_pairs=num_pairs,
+                             num_retain_tokens=num_retain_tokens, device=device)
+    stats.grad_norm = optimizer.step(lr, max_grad_norm)
+    return stats
+
+
+def synthetic_step_units(vocab_size: int, *, batch_size: int = 32, num_questions: int = 400,
+                         alternates_per_question: int = 5,
+                         lengths: Sequence[tuple[int, int]] = ((60, 50),),
+                         seed: int = 0) -> list[PackUnit]:
+    """A step of random token sequences shaped like AltPO's: for benchmarks.
+
+    ``batch_size`` pairs drawn from ``num_questions x alternates_per_question`` (grouped by
+    question as the trainer groups them), and ``batch_size`` retain rows. Each sequence draws a
+    (prompt length, answer length) from ``lengths``; labels cover the answer part. Reference
+    log-probs are random plausible values (about -2 per answer token).
+    """
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+
+    def sequence():
+        prompt, answer = rng.choice(list(lengths))
+        ids = torch.randint(0, vocab_size, (prompt + answer,), generator=g).tolist()
+        return ids, [-100] * prompt + ids[prompt:]
+
+    def ref_logp(seq):
+        return -2.0 * num_loss_tokens(seq[1]) * (0.5 + rng.random())
+
+    chosen = rng.sample(range(num_questions * alternates_per_question), batch_size)
+    by_question: dict[int, int] = {}
+    for p in chosen:
+        by_question[p // alternates_per_question] = by_question.get(p // alternates_per_question, 0) + 1
+    units = []
+    for q, count in by_question.items():
+        answer = sequence()
+        seqs, roles, pairs, refs = [answer], [ROLE_FORGET], [], []
+        for k in range(1, count + 1):
+            alt = sequence()
+            seqs.append(alt)
+            roles.append(ROLE_ALTERNATE)
+            pairs.append((k, 0))
+            refs.append((ref_logp(alt), ref_logp(answer)))
+        units.append(PackUnit(seqs, roles, pairs, refs, key=q))
+    for r in range(batch_size):
+        units.append(PackUnit([sequence()], [ROLE_RETAIN], retain=[0], key=("retain", r)))
+    return units
