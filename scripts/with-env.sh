@@ -13,7 +13,7 @@ stamp="$venv/.altpo-installed"
 want="$(sha256sum "$root/pyproject.toml" | cut -c1-16)"
 
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    echo "[with-env] setting up $venv (once; about a minute)" >&2
+    echo "[with-env] setting up $venv (once; 2 to 5 minutes on a 2-core machine)" >&2
     python3 -m venv "$venv"
     pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
     if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then

@@ -5,6 +5,7 @@ saved models with full float64 logits, and the forgetting conditions from the TO
 """
 
 import contextlib
+import importlib.util
 import io
 import json
 import math
@@ -20,9 +21,11 @@ from altpo.demo.run import (
     forgetting_check,
     prepare_output,
     DemoError,
+    format_report,
 )
 from altpo.eval.tofu import answer_probabilities
 from altpo.model.tiny_finetune import _length_bucketed_batches, encode_rows
+from paths import REPO_ROOT
 
 FORGETTING_KEYS = {"forget_Q_A_Prob_before", "forget_Q_A_Prob_after", "forget_ratio",
                    "retain_Q_A_Prob_before", "retain_Q_A_Prob_after", "retain_relative_change",
@@ -143,6 +146,36 @@ def test_alternates_cover_every_forget_question_and_differ_from_it(demo_run):
     for row in alternates:
         assert row["answer"] == forget[row["question"]]
         assert row["alternate"].strip() and row["alternate"].strip() != row["answer"].strip()
+
+
+def _documented_table(command_part: str) -> list[str]:
+    """The before/after table of the docs/demo.md output block whose command contains
+    ``command_part`` (the lines a user compares their own run with)."""
+    spec = importlib.util.spec_from_file_location("refresh_docs", REPO_ROOT / "scripts" / "refresh_docs.py")
+    refresh_docs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(refresh_docs)
+    blocks = [b for b in refresh_docs.find_blocks(command_part) if b.path.name == "demo.md"]
+    assert blocks, f"docs/demo.md has no output block for a command with {command_part!r}"
+    lines = blocks[0].body.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("metric "))
+    end = next(i for i, line in enumerate(lines) if line.startswith("forgetting "))
+    return lines[start:end]
+
+
+def _table_numbers(lines: list[str]) -> list[float]:
+    return [float(tok) for line in lines for tok in line.split()[1:]
+            if tok.replace(".", "", 1).replace("-", "", 1).isdigit()]
+
+
+def test_the_documented_small_seed0_table_is_what_the_code_gives(demo_run):
+    """docs/demo.md shows `altpo-fast demo --small` at seed 0; this run is the same command, so
+    its table must read the same (refresh with scripts/refresh_docs.py --only demo)."""
+    out, _, _ = demo_run
+    documented = _documented_table("--small")
+    summary = json.loads((out / "demo_summary.json").read_text())
+    ours = format_report(summary).splitlines()[: len(documented)]
+    assert [line.split()[0] for line in ours] == [line.split()[0] for line in documented]
+    assert _table_numbers(ours) == pytest.approx(_table_numbers(documented), rel=1e-3, abs=1e-4)
 
 
 def test_refuses_a_non_empty_output_and_a_file(tmp_path, capsys):

@@ -1,0 +1,102 @@
+"""Regenerate the command outputs that the docs show, from the code as it runs today.
+
+A doc marks each generated block with the command that makes it:
+
+    <!-- output of: altpo-fast plan --model llama-3.2-1b --gpu-memory 16GiB -->
+    ```text
+    ...what the command printed...
+    ```
+
+This script runs every such command (or those whose text contains ``--only``), from a scratch
+folder so that their outputs (``--output demo-out`` and the like) land there, and puts what the
+command printed on stdout in the block. Progress bars and notes go to stderr and are left out.
+
+    bash scripts/with-env.sh python scripts/refresh_docs.py             # every block
+    bash scripts/with-env.sh python scripts/refresh_docs.py --only plan # the planner's blocks
+    bash scripts/with-env.sh python scripts/refresh_docs.py --check     # fail if a block is stale
+
+``--check`` runs the commands and exits 1 listing the blocks whose text differs (the tests run it
+for the fast, deterministic blocks: the memory plans).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MARK = re.compile(r"<!-- output of: (?P<cmd>.+?) -->\n```(?P<lang>\w*)\n(?P<body>.*?)```\n", re.S)
+DOCS = ("README.md", "docs/*.md", "benchmarks/README.md")
+
+
+@dataclass
+class Block:
+    path: Path
+    command: str
+    body: str
+
+
+def find_blocks(only: str | None = None) -> list[Block]:
+    """Every marked block of the docs, in file order."""
+    blocks = []
+    for pattern in DOCS:
+        for path in sorted(ROOT.glob(pattern)):
+            for m in MARK.finditer(path.read_text(encoding="utf-8")):
+                if only is None or only in m["cmd"]:
+                    blocks.append(Block(path, m["cmd"], m["body"]))
+    return blocks
+
+
+def run_command(command: str, workdir: Path) -> str:
+    """What ``command`` prints on stdout, run by bash in ``workdir`` with this Python's tools first
+    on PATH; a failing command stops the refresh with its stderr."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+               COLUMNS="100")
+    proc = subprocess.run(["bash", "-c", command], cwd=workdir, env=env, capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL)
+    if proc.returncode not in (0, 1):  # the demo exits 1 when forgetting did not hold: still output
+        raise SystemExit(f"`{command}` failed with exit status {proc.returncode}:\n{proc.stderr[-3000:]}")
+    text = proc.stdout
+    return text if text.endswith("\n") else text + "\n"
+
+
+def refresh(only: str | None = None, check: bool = False) -> list[Block]:
+    """Run the blocks' commands; rewrite the docs (or, with ``check``, only compare). Returns the
+    blocks whose text was out of date."""
+    stale = []
+    with tempfile.TemporaryDirectory(prefix="altpo-docs-") as tmp:
+        for block in find_blocks(only):
+            print(f"running: {block.command}  ({block.path.relative_to(ROOT)})", file=sys.stderr, flush=True)
+            new = run_command(block.command, Path(tmp))
+            if new == block.body:
+                continue
+            stale.append(block)
+            if not check:
+                text = block.path.read_text(encoding="utf-8")
+                old = f"<!-- output of: {block.command} -->\n```"
+                start = text.index(old)
+                lang_end = text.index("\n", start + len(old)) + 1
+                end = text.index("```\n", lang_end)
+                block.path.write_text(text[:lang_end] + new + text[end:], encoding="utf-8")
+    return stale
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", help="refresh only the blocks whose command contains this text")
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block is stale")
+    args = parser.parse_args(argv)
+    stale = refresh(args.only, args.check)
+    for block in stale:
+        print(f"{'stale' if args.check else 'refreshed'}: {block.path.relative_to(ROOT)}: {block.command}")
+    return 1 if (args.check and stale) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
