@@ -32,12 +32,13 @@ if __package__ in (None, ""):
 
 import torch
 
-from benchmarks.common import PeakMemory, eprint, format_table, free_memory, pick_device, run_metadata, time_fn, write_json
+from benchmarks.common import (PeakMemory, eprint, format_table, free_memory, pick_device, run_metadata,
+                               time_fn, write_json)
 
 BACKENDS = ("triton", "cuda")
 # 1024 tokens first: small enough for the float64 reference, so a disagreement says who is right.
-GPU_CASES = [(1024, 2048, 128256, torch.bfloat16), (4096, 2048, 128256, torch.bfloat16), (16384, 2048, 128256, torch.bfloat16),
-             (4096, 2048, 128256, torch.float16)]
+GPU_CASES = [(1024, 2048, 128256, torch.bfloat16), (4096, 2048, 128256, torch.bfloat16),
+             (16384, 2048, 128256, torch.bfloat16), (4096, 2048, 128256, torch.float16)]
 QUICK_CASES = [(45, 24, 301, torch.float32), (45, 24, 301, torch.float16)]
 REFERENCE_MAX_WORK = 1024 * 128256  # N * V of the float64 logits the reference materialises
 LOGP_BOUND = 1e-3
@@ -179,7 +180,8 @@ def summary(payload) -> str:
         lines.append(format_table(case["rows"], [
             ("backend", "backend", ""), ("forward_ms", "fwd ms", ".4g"), ("forward_tflops", "fwd TFLOP/s", ".3g"),
             ("forward_peak_mib", "fwd MiB", ".4g"), ("backward_ms", "bwd ms", ".4g"),
-            ("backward_tflops", "bwd TFLOP/s", ".3g"), ("backward_peak_mib", "bwd MiB", ".4g"), ("status", "status", "")]))
+            ("backward_tflops", "bwd TFLOP/s", ".3g"), ("backward_peak_mib", "bwd MiB", ".4g"),
+            ("status", "status", "")]))
         for p in ("forward", "backward"):
             if f"{p}_cuda_over_triton" in case:
                 lines.append(f"{p}: cuda / triton time = {case[f'{p}_cuda_over_triton']:.3g}")
@@ -192,7 +194,8 @@ def summary(payload) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="CPU, tiny shapes: host epilogues vs the Triton interpreter")
+    parser.add_argument("--quick", action="store_true",
+                        help="CPU, tiny shapes: host epilogues vs the Triton interpreter")
     parser.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N or cpu")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timing per measurement")
     parser.add_argument("--backends", default=",".join(BACKENDS),

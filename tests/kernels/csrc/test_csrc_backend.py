@@ -100,7 +100,8 @@ TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_forward_and_backward_match_float64(dtype):
-    hidden, weight, labels, upstream = _inputs(37, 23, 101, dtype, {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}[dtype])
+    seed = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}[dtype]
+    hidden, weight, labels, upstream = _inputs(37, 23, 101, dtype, seed)
     logp, lse = cuda_backend.logprobs_forward(hidden, weight, labels, token_chunk=16, vocab_band=24)
     dh, dw = cuda_backend.logprobs_backward(hidden, weight, labels, lse, upstream, True, True)
     ref_logp, ref_dh, ref_dw = _reference(hidden, weight, labels, upstream)

@@ -92,7 +92,8 @@ def test_backward_epilogue_matches_float64(in_dtype, out_dtype, g_size):
     labels = band_start + torch.randint(0, cols, (rows,), generator=g)
     labels[:4] = torch.tensor([band_start, band_start + cols - 1, band_start - 1, band_start + cols])
     lse = (math.log(cols * 40.0) + 2.0 + torch.rand(rows, generator=g)).to(dev)
-    upstream = g_size * torch.empty(rows).uniform_(0.2, 1.0, generator=g) * torch.where(torch.arange(rows) % 2 == 0, 1.0, -1.0)
+    signs = torch.where(torch.arange(rows) % 2 == 0, 1.0, -1.0)
+    upstream = g_size * torch.empty(rows).uniform_(0.2, 1.0, generator=g) * signs
     upstream[1] = 0.0  # a row with zero gradient
     upstream = upstream.to(dev)
     scale = cuda_backend.g_scale(float(upstream.abs().max()), out_dtype)
