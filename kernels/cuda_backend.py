@@ -231,22 +231,23 @@ def g_scale(max_abs_g: float, out_dtype: torch.dtype) -> float:
 # ------------------------------------------------------------------------------------------------
 # Logits tiles in fp32
 
-_MM_OUT_DTYPE: bool | None = None
+_MM_OUT_DTYPE: dict = {}
 
 
-def _mm_out_dtype_works(device) -> bool:
-    """Whether torch.mm can write 16-bit products straight into an fp32 tile (``out_dtype``, CUDA,
-    torch >= 2.8): cuBLAS accumulates in fp32 either way, and this skips a rounding to 16 bit."""
-    global _MM_OUT_DTYPE
-    if _MM_OUT_DTYPE is None:
+def _mm_out_dtype_works(device, dtype) -> bool:
+    """Whether torch.mm can write ``dtype`` products straight into an fp32 tile (``out_dtype``,
+    CUDA, torch >= 2.8): cuBLAS accumulates in fp32 either way, and this skips a rounding to 16
+    bit. Probed once per (device, dtype) on a 2 x 2 product."""
+    key = (str(device), dtype)
+    if key not in _MM_OUT_DTYPE:
         try:
-            a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+            a = torch.ones(2, 2, dtype=dtype, device=device)
             out = torch.empty(2, 2, dtype=torch.float32, device=device)
             torch.mm(a, a, out_dtype=torch.float32, out=out)
-            _MM_OUT_DTYPE = True
+            _MM_OUT_DTYPE[key] = bool((out == 2).all())
         except (TypeError, RuntimeError, NotImplementedError):
-            _MM_OUT_DTYPE = False
-    return _MM_OUT_DTYPE
+            _MM_OUT_DTYPE[key] = False
+    return _MM_OUT_DTYPE[key]
 
 
 def logits_tile_fp32(h_chunk, w_band, out) -> None:
@@ -258,7 +259,7 @@ def logits_tile_fp32(h_chunk, w_band, out) -> None:
     """
     if h_chunk.dtype == torch.float32:
         torch.mm(h_chunk, w_band.T, out=out)
-    elif h_chunk.device.type == "cuda" and _mm_out_dtype_works(h_chunk.device):
+    elif h_chunk.device.type == "cuda" and _mm_out_dtype_works(h_chunk.device, h_chunk.dtype):
         torch.mm(h_chunk, w_band.T, out_dtype=torch.float32, out=out)
     else:
         torch.mm(h_chunk.float(), w_band.float().T, out=out)
