@@ -139,6 +139,36 @@ std::vector<double> make_tile(std::vector<uint8_t>& storage, int dtype, int64_t 
   return values;
 }
 
+// The forward kernel's reduction order, replayed on the host: 256 threads fold strided slices of a
+// row, each warp merges its lanes with xor shuffles (offsets 16, 8, 4, 2, 1), then warp 0 merges
+// the 8 warp results the same way (lanes 8..31 empty). Threads past the row's end stay empty,
+// which is what narrow bands exercise.
+void device_order_row(const float* z, int64_t cols, float& m_out, float& s_out) {
+  const int threads = 256;
+  float m[256], s[256];
+  for (int t = 0; t < threads; ++t) {
+    m[t] = -INFINITY;
+    s[t] = 0.0f;
+    for (int64_t j = t; j < cols; j += threads) altpo::lse_push(m[t], s[t], z[j]);
+  }
+  auto warp_merge = [](float* wm, float* ws) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      float m2[32], s2[32];
+      for (int lane = 0; lane < 32; ++lane) { m2[lane] = wm[lane ^ offset]; s2[lane] = ws[lane ^ offset]; }
+      for (int lane = 0; lane < 32; ++lane) altpo::lse_merge(wm[lane], ws[lane], m2[lane], s2[lane]);
+    }
+  };
+  for (int w = 0; w < threads / 32; ++w) warp_merge(m + 32 * w, s + 32 * w);
+  float wm[32], ws[32];
+  for (int lane = 0; lane < 32; ++lane) {
+    wm[lane] = lane < threads / 32 ? m[32 * lane] : -INFINITY;
+    ws[lane] = lane < threads / 32 ? s[32 * lane] : 0.0f;
+  }
+  warp_merge(wm, ws);
+  m_out = wm[0];
+  s_out = ws[0];
+}
+
 void test_forward() {
   struct Case { const char* name; int dtype; int64_t rows, vocab, band; double spread, offset; };
   const Case cases[] = {
@@ -150,6 +180,7 @@ void test_forward() {
       {"bf16 tile", altpo::kBF16, 5, 200, 64, 3.0, 1.0},
       {"fp16 tile", altpo::kF16, 5, 200, 48, 3.0, -2.0},
       {"one-column bands", altpo::kF32, 3, 9, 1, 2.0, 0.0},
+      {"bands wider than a block (600 columns)", altpo::kF32, 3, 1500, 600, 3.0, 0.0},
   };
   for (const Case& c : cases) {
     int fails_before = failures;
@@ -162,7 +193,8 @@ void test_forward() {
       labels[i] = static_cast<int32_t>(i < 5 ? pick[i] : static_cast<int64_t>(uniform(0, static_cast<double>(c.vocab))));
     }
     std::vector<float> run_max(c.rows, -INFINITY), run_sum(c.rows, 0.0f), picked(c.rows, -12345.0f);
-    std::vector<double> ref_max(c.rows, -INFINITY), ref_label(c.rows, 0), ref_sum(c.rows, 0);
+    std::vector<double> ref_label(c.rows, 0);
+    std::vector<float> dev_max(c.rows, -INFINITY), dev_sum(c.rows, 0.0f);  // the kernel's order
     std::vector<std::vector<double>> all(c.rows);
     std::vector<uint8_t> storage;
     for (int64_t v0 = 0; v0 < c.vocab; v0 += c.band) {
@@ -172,6 +204,11 @@ void test_forward() {
                                       run_max.data(), run_sum.data(), picked.data(), 0);
       expect(rc == 0, "forward epilogue returns 0", rc, 0);
       for (int64_t i = 0; i < c.rows; ++i) {
+        std::vector<float> row32(cols);
+        for (int64_t j = 0; j < cols; ++j) row32[j] = static_cast<float>(vals[i * cols + j]);
+        float tm, ts;
+        device_order_row(row32.data(), cols, tm, ts);
+        altpo::lse_merge(dev_max[i], dev_sum[i], tm, ts);
         for (int64_t j = 0; j < cols; ++j) all[i].push_back(vals[i * cols + j]);
         if (labels[i] >= v0 && labels[i] < v0 + cols) ref_label[i] = vals[i * cols + (labels[i] - v0)];
       }
@@ -185,6 +222,8 @@ void test_forward() {
       double got = run_max[i] + log(static_cast<double>(run_sum[i]));
       double tol = 2e-6 * (fabs(lse) + 1.0) + 1e-6 * log(static_cast<double>(c.vocab));
       expect(fabs(got - lse) <= tol, c.name, got, lse);
+      double dev = dev_max[i] + log(static_cast<double>(dev_sum[i]));
+      expect(fabs(dev - lse) <= tol, "kernel reduction order", dev, lse);
       expect(picked[i] == static_cast<float>(ref_label[i]), "label logit picked exactly", picked[i], ref_label[i]);
     }
     printf("%s forward: %s\n", failures == fails_before ? "ok  " : "FAIL", c.name);
