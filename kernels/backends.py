@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-BACKENDS = ("auto", "reference", "torch", "triton")
+BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
 
 
 def triton_available() -> bool:
@@ -30,6 +30,16 @@ def resolve_backend(backend: str, device) -> str:
                 'TRITON_INTERPRET=1 (before importing triton) to run the kernels on the CPU, '
                 'or use backend="torch"'
             )
+    if backend == "cuda":
+        # Never chosen by "auto": it needs the library built from kernels/csrc.
+        if device.type != "cuda":
+            raise ValueError(
+                f'backend="cuda" runs its epilogue kernels on CUDA tensors, got tensors on {device}; '
+                'move them to a GPU, or use backend="torch" on the CPU'
+            )
+        from .cuda_backend import load_library
+
+        load_library("cuda")  # raises an error naming the build command when it is missing
     return backend
 
 
@@ -43,4 +53,8 @@ def backend_module(name: str):
         from . import triton as triton_backend
 
         return triton_backend
+    if name == "cuda":
+        from . import cuda_backend
+
+        return cuda_backend
     raise ValueError(f"no fused implementation for backend {name!r}")
