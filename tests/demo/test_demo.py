@@ -10,6 +10,7 @@ import io
 import json
 import math
 import random
+import sys
 
 import pytest
 import torch
@@ -153,6 +154,7 @@ def _documented_table(command_part: str) -> list[str]:
     ``command_part`` (the lines a user compares their own run with)."""
     spec = importlib.util.spec_from_file_location("refresh_docs", REPO_ROOT / "scripts" / "refresh_docs.py")
     refresh_docs = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("refresh_docs", refresh_docs)  # dataclasses look their module up there
     spec.loader.exec_module(refresh_docs)
     blocks = [b for b in refresh_docs.find_blocks(command_part) if b.path.name == "demo.md"]
     assert blocks, f"docs/demo.md has no output block for a command with {command_part!r}"
