@@ -40,12 +40,13 @@ accumulator [N, H], which is the dH output before its final cast), ``e`` the ele
     G tile                     C * Vb * e
     dW band accumulator        Vb * H * 4     only with need_dw, 16-bit weights and N > C
     label ids                  N * 4          int32 copy of the labels
-    torch producer             C * Vb * 4     fp32 logits tile (torch backend only)
+    torch producer             min(C, 1024) * Vb * 4   fp32 logits rows (torch backend only)
 
 plus, on the CPU with 16-bit inputs only (torch's CPU GEMMs have no fp32 output for 16-bit
 operands), fp32 copies of the GEMM operands: ``4 * (C * Vb + Vb * H + C * H)``.
 :func:`workspace_bytes` computes it. At H=2048, V=128256, N=16384 bf16 with the default chunks
-(C=4096, Vb=2048) the triton backend needs 16 + 16 MiB + 64 KiB: 32.1 MiB.
+(C=4096, Vb=2048) the triton backend needs 16 + 16 MiB + 64 KiB = 32.1 MiB, the torch backend
+8 MiB more.
 """
 
 from __future__ import annotations
@@ -90,7 +91,9 @@ def workspace_bytes(n: int, h: int, v: int, dtype: torch.dtype, *, backend: str 
     if need_dw and dtype in SIXTEEN_BIT and n > c:
         total += vb * h * 4
     if backend == "torch":
-        total += c * vb * 4
+        from .torch_chunked import PRODUCER_ROWS
+
+        total += min(c, PRODUCER_ROWS) * vb * 4
     if device == "cpu" and dtype in SIXTEEN_BIT:
         total += 4 * (c * vb + vb * h + c * h)
     return total

@@ -66,19 +66,27 @@ def logits_f32(h, w):
     return h.float() @ w.float().T
 
 
+# Rows of the chunk whose fp32 logits the torch producer holds at once: [1024, Vb] fp32 is 8 MiB
+# at Vb = 2048, so the torch backend's workspace stays near the fused one's.
+PRODUCER_ROWS = 1024
+
+
 def produce_g(h_chunk, w_band, labels_chunk, lse_chunk, g_chunk, band_start: int, out) -> float:
     """The plain-torch G producer of ``chunked_backward``: ``out = g (onehot(label) - softmax)``.
 
-    One fp32 logits tile ``[C, Vb]`` is the only temporary; the label's column gets ``p - 1``
-    through a scatter (no device sync), so every entry is ``g (onehot - p)`` with the same roundings
-    as the Triton producer.
+    Works through the chunk ``PRODUCER_ROWS`` rows at a time, holding one fp32 logits block; the
+    label's column gets ``p - 1`` through a scatter (no device sync), so every entry is
+    ``g (onehot - p)`` with the same roundings as the Triton producer.
     """
-    z = logits_f32(h_chunk, w_band)
-    z.sub_(lse_chunk[:, None]).exp_()
-    local = labels_chunk.long() - band_start
-    inside = (local >= 0) & (local < w_band.shape[0])
-    z.scatter_add_(1, local.clamp(0, w_band.shape[0] - 1)[:, None], -inside.float()[:, None])
-    out.copy_(z.mul_(-g_chunk[:, None]))
+    vb = w_band.shape[0]
+    for r0 in range(0, h_chunk.shape[0], PRODUCER_ROWS):
+        r1 = min(h_chunk.shape[0], r0 + PRODUCER_ROWS)
+        z = logits_f32(h_chunk[r0:r1], w_band)
+        z.sub_(lse_chunk[r0:r1, None]).exp_()
+        local = labels_chunk[r0:r1].long() - band_start
+        inside = (local >= 0) & (local < vb)
+        z.scatter_add_(1, local.clamp(0, vb - 1)[:, None], -inside.float()[:, None])
+        out[r0:r1].copy_(z.mul_(-g_chunk[r0:r1, None]))
     return 1.0
 
 
