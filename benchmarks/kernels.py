@@ -499,6 +499,48 @@ def memory_ratio(shape: tuple[int, int, int], op: str = "linear_logprobs") -> di
     }
 
 
+def workspace_worker(backend: str, dtype_name: str, shape: tuple[int, int, int], chunk: int,
+                     band: int) -> dict:
+    """Runs in a fresh subprocess: peak memory of one chunked backward above its inputs, the
+    outputs' bytes, and what ``chunked_backward.workspace_bytes`` predicts for it."""
+    from altpo_kernels import torch_chunked
+    from altpo_kernels.chunked_backward import workspace_bytes
+
+    n, h, v = shape
+    dtype = getattr(torch, dtype_name)
+    device = torch.device("cpu")
+    x = make_inputs(n, h, v, dtype, device, seed=2)
+    hidden, weight, labels = x["hidden"].detach(), x["weight"].detach(), x["labels"]
+    _, lse = torch_chunked.logprobs_forward(hidden, weight, labels)
+    grad = x["token_weights"]
+    if backend != "torch":
+        raise SystemExit("the workspace probe runs the torch backend (the CPU path)")
+    with PeakMemory(device) as mem:
+        dh, dw = torch_chunked.logprobs_backward(hidden, weight, labels, lse, grad, True, True,
+                                                 token_chunk=chunk, vocab_band=band)
+    size = hidden.element_size()
+    # outputs: the fp32 dH accumulator, its cast to the input dtype (16-bit only), dW
+    outputs = n * h * 4 + (n * h * size if size < 4 else 0) + v * h * size
+    return {"backend": backend, "dtype": dtype_name, "shape": list(shape), "chunk": chunk,
+            "band": band, "peak_bytes": mem.peak_bytes, "output_bytes": outputs,
+            "predicted_workspace_bytes": workspace_bytes(n, h, v, dtype, backend=backend,
+                                                         device="cpu", token_chunk=chunk,
+                                                         vocab_band=band),
+            "grad_abs_sum": float(dh.double().abs().sum() + dw.double().abs().sum())}
+
+
+def workspace_probe(backend: str, dtype_name: str, shape: tuple[int, int, int], chunk: int,
+                    band: int) -> dict:
+    """``workspace_worker`` in a fresh process (so earlier allocations do not hide its peak)."""
+    cmd = [sys.executable, "-m", "benchmarks.kernels", "--workspace-worker",
+           f"{backend},{dtype_name},{','.join(map(str, shape))},{chunk},{band}"]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    res = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        return {"error": res.stderr.strip()[-800:]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 # ----------------------------------------------------------------------------------------------
 # driver
 
@@ -530,6 +572,7 @@ def parse_args(argv=None):
     p.add_argument("--no-check", action="store_true",
                    help="skip the float64 check of each variant's value and gradients")
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    p.add_argument("--workspace-worker", help=argparse.SUPPRESS)
     p.add_argument("--op", default="linear_logprobs", help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -661,6 +704,11 @@ def summary(payload: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.workspace_worker:
+        backend, dtype_name, n, h, v, chunk, band = args.workspace_worker.split(",")
+        print(json.dumps(workspace_worker(backend, dtype_name, (int(n), int(h), int(v)), int(chunk),
+                                          int(band))))
+        return 0
     if args.memory_worker:
         print(json.dumps(memory_worker(args.memory_worker, args.op, _parse_shape(args.shape, "--shape"))))
         return 0
