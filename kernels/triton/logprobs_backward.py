@@ -19,7 +19,6 @@ memory and a store; the two large GEMMs run at cuBLAS speed, in a fixed order.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 

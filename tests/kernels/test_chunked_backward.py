@@ -19,7 +19,6 @@ from altpo_kernels.chunked_backward import (
 )
 from altpo_kernels.reference import linear_logprobs_reference
 from altpo_kernels.triton import logprobs_backward as triton_backward
-from altpo_kernels.triton import logprobs_forward as triton_forward
 from conftest import kernel_device
 
 N, H, V = 53, 37, 101
