@@ -9,11 +9,18 @@
 # cut-cross-entropy) come from wheels in .whl/ when present (benchmarks/fetch_wheels.sh puts them
 # there on a machine with package-index access), else those variants are reported as absent.
 #
-# Parts, each with its own time limit so the whole stays inside 8 minutes:
-#   gpu-tests  pytest on the kernel test files: on CUDA every backend against the float64 reference
+# Parts, in the order the answers matter, each with its own time limit so the whole stays inside 8
+# minutes:
+#   gpu-tests  (a) pytest on the kernel test files: on CUDA every kernel and backend against the
+#              float64 reference at multi-slice, multi-chunk, multi-band shapes (the first call
+#              compiles every Triton kernel: the limit leaves room for it)
 #   compile    python -m benchmarks.compile_report (CPU only, runs beside gpu-tests)
-#   kernels    python -m benchmarks.kernels (its own deadline stops new measurements in time)
-#   step       python -m benchmarks.step
+#   kernels    (b) python -m benchmarks.kernels: fwd+bwd at N=4096 and 16384 first, the fused
+#              backends against torch.compile of the materialised path and Liger first (its own
+#              deadline stops new measurements in time; N=65536 last)
+#   calibrate  (c) python -m benchmarks.kernels --calibrate: cuBLAS mm/addmm with fp32 outputs at
+#              the chunked backward's shapes
+#   step       (d) python -m benchmarks.step
 #   packed     python -m benchmarks.packed_vs_padded (packing and the memory planner's prediction)
 #   report     python -m benchmarks.report -> benchmarks/results/<date>-<card>.json/.md/.png
 # A part's limit shrinks to what is left of the suite's budget (SUITE_BUDGET_S, default 450 s), so
@@ -31,7 +38,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --quick) quick=1 ;;
         --out-dir) out_dir="$2"; shift ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         *) echo "gpu_suite.sh: unknown argument $1 (use --quick or --out-dir DIR)" >&2; exit 2 ;;
     esac
     shift
@@ -91,19 +98,21 @@ part() {  # part NAME LIMIT_SECONDS COMMAND...
 }
 
 if [ "$quick" = 1 ]; then
-    tests=(tests/test_kernel_input_errors.py)
+    tests=(tests/kernels/test_kernel_input_errors.py)
     q=(--quick)
-    limits=(120 120 300 300 120)
+    limits=(120 120 300 60 300 120)
     packed_args=(--quick --workloads tofu)
 else
     tests=()
-    for f in tests/test_linear_logprobs.py tests/test_altpo_loss.py tests/test_triton_logprobs.py \
-             tests/test_triton_segment_ops.py tests/test_kernel_input_errors.py; do
+    for f in tests/kernels/test_chunked_backward.py tests/kernels/test_linear_logprobs.py \
+             tests/kernels/test_altpo_loss.py tests/kernels/triton/test_triton_logprobs.py \
+             tests/kernels/triton/test_triton_segment_ops.py tests/kernels/test_kernel_input_errors.py; do
         [ -f "$f" ] && tests+=("$f")
     done
     q=()
-    # gpu-tests, compile (beside them), kernels, step, packed
-    limits=(90 150 190 130 60)
+    # gpu-tests (first-time Triton compiles included), compile (beside them), kernels, calibrate,
+    # step, packed
+    limits=(130 150 170 30 90 30)
     packed_args=(--budget-s 1)
 fi
 
@@ -115,9 +124,10 @@ wait "$compile_pid"
 lim=$(fit "${limits[2]}")
 # the deadline leaves room for the measurement in flight when it passes (at most ~30 s at N=65536)
 part kernels "$lim" "$PY" -m benchmarks.kernels "${q[@]}" --deadline $((lim * 3 / 4)) --out "$work/kernels.json"
-part step "$(fit "${limits[3]}")" "$PY" -m benchmarks.step "${q[@]}" --out "$work/step.json"
+part calibrate "$(fit "${limits[3]}")" "$PY" -m benchmarks.kernels --calibrate "${q[@]}" --out "$work/calibrate.json"
+part step "$(fit "${limits[4]}")" "$PY" -m benchmarks.step "${q[@]}" --out "$work/step.json"
 if [ -f benchmarks/packed_vs_padded.py ]; then
-    part packed "$(fit "${limits[4]}")" "$PY" -m benchmarks.packed_vs_padded "${packed_args[@]}" --out "$work/packed.json"
+    part packed "$(fit "${limits[5]}")" "$PY" -m benchmarks.packed_vs_padded "${packed_args[@]}" --out "$work/packed.json"
 fi
 
 say "report"
@@ -130,6 +140,7 @@ say "done in $((SECONDS - t_start))s; results in $out_dir"
 
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
     cp "$out_dir"/*.json "$out_dir"/*.md "$out_dir"/*.png "$OUT"/ 2>/dev/null
+    cp "$work/calibrate.json" "$OUT"/ 2>/dev/null
     tar -czf "$OUT/suite-logs.tar.gz" -C "$work" . 2>/dev/null
     cp "$log" "$OUT/suite.log"
 fi

@@ -78,8 +78,12 @@ MODEL_FLOPS = {"forward": 2, "backward": 4, "full": 6}  # times N*H*V
 # What the fused kernels execute: backward recomputes the logits (the issue's 6NHV backward).
 FUSED_FLOPS = {"forward": 2, "backward": 6, "full": 8}
 # Run order: when the suite's deadline cuts a run short, the comparisons that matter most are done.
-VARIANTS = ("altpo-triton", "materialised", "cce", "liger", "materialised-compile", "altpo-torch",
+# The comparisons the goals need come first (torch.compile of the materialised path, Liger), so a
+# deadline cuts the less important ones.
+VARIANTS = ("altpo-triton", "materialised-compile", "liger", "materialised", "cce", "altpo-torch",
             "reference")
+# Ratios printed against these baselines (time of baseline / time of variant).
+BASELINES = ("materialised-compile", "liger", "materialised")
 GPU_SHAPES = [(n, 2048, 128256) for n in (4096, 16384, 65536)]
 # CPU --quick: the first shape is small enough for the Triton interpreter.
 QUICK_SHAPES = [(64, 32, 512), (512, 64, 4096)]
@@ -355,6 +359,37 @@ def compare_with_reference(variant: str, op: str, x: dict, value: torch.Tensor) 
 # measuring one variant
 
 
+def workspace_mib(variant: str, pass_name: str, n: int, h: int, v: int, x: dict,
+                  peak: int | None) -> float | None:
+    """Scratch memory of a variant's pass beyond inputs and outputs: for the fused backends'
+    backward the chunked loop's formula (``chunked_backward.workspace_bytes``), for everything
+    else the measured peak above the inputs (which there is the workspace plus the outputs)."""
+    if variant in ("altpo-triton", "altpo-torch") and pass_name in ("backward", "full"):
+        from altpo_kernels.chunked_backward import workspace_bytes
+
+        backend = "torch" if variant == "altpo-torch" else "triton"
+        return workspace_bytes(n, h, v, x["hidden"].dtype, backend=backend,
+                               device=x["hidden"].device.type) / MiB
+    return None if peak is None else peak / MiB
+
+
+def materialised_too_big(variant: str, n: int, v: int, dtype, device) -> str | None:
+    """Why a materialised variant cannot fit this device at this size (None when it can).
+
+    Forward and backward hold the logits in the input dtype, their fp32 log-softmax and the fp32
+    gradient of the logits: about ``N V (b + 8)`` bytes, plus the gradient cast back (``N V b``).
+    An out-of-memory crash would lose the run's other numbers, so such rows are recorded as skipped.
+    """
+    if not variant.startswith("materialised") or device.type != "cuda":
+        return None
+    b = torch.empty(0, dtype=dtype).element_size()
+    need = n * v * (2 * b + 8)
+    free, _ = torch.cuda.mem_get_info(device)
+    if need > 0.9 * free:
+        return f"needs about {need / 2**30:.0f} GiB for the [N, V] logits, {free / 2**30:.0f} GiB free"
+    return None
+
+
 def _zero_grads(x):
     x["hidden"].grad = None
     x["weight"].grad = None
@@ -420,6 +455,7 @@ def measure_variant(variant: str, op: str, x: dict, device: torch.device, budget
                                 "tflops_fused_count": (FUSED_FLOPS[name] * n * h * v / (t["median_ms"] * 1e-3) / 1e12
                                                        if t["median_ms"] else None),
                                 "peak_mib": None if peaks[name] is None else peaks[name] / MiB,
+                                "workspace_mib": workspace_mib(variant, name, n, h, v, x, peaks[name]),
                                 **checked})
             if name == "backward" and bwd_note:
                 row["note"] = bwd_note
@@ -433,29 +469,32 @@ def measure_variant(variant: str, op: str, x: dict, device: torch.device, budget
         rows = [dict(base, **{"pass": p, "status": "out of memory"}) for p in PASSES]
     except Exception as err:  # one broken variant must not lose the others' numbers
         msg = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
-        rows = [dict(base, **{"pass": p, "status": f"error: {msg}"}) for p in PASSES]
+        # torch.compile and third-party kernels re-raise allocation failures as other types
+        status = "out of memory" if "out of memory" in str(err).lower() else f"error: {msg}"
+        rows = [dict(base, **{"pass": p, "status": status}) for p in PASSES]
     _zero_grads(x)
     free_memory(device)
     return rows
 
 
 def add_ratios(results: list[dict]) -> list[dict]:
-    """Speed-up and memory of every variant relative to the materialised path, per op/N/pass."""
+    """Speed-up and memory of every variant relative to each baseline (materialised, its
+    torch.compile, Liger), per op/N/pass: ``speedup_vs_<baseline>`` = baseline time / variant
+    time, ``memory_vs_<baseline>`` = variant peak / baseline peak."""
     index = {(r["op"], r["n"], r["pass"], r["variant"]): r for r in results if r["status"] == "ok"}
     ratios = []
     for (op, n, p, variant), r in index.items():
-        if variant == "materialised":
-            continue
-        base = index.get((op, n, p, "materialised"))
-        entry = {"op": op, "n": n, "pass": p, "variant": variant,
-                 "speedup_vs_materialised": None, "memory_vs_materialised": None}
-        if base is not None:
+        entry = {"op": op, "n": n, "pass": p, "variant": variant}
+        for b in BASELINES:
+            base = index.get((op, n, p, b))
+            key = b.replace("-", "_")
+            entry[f"speedup_vs_{key}"] = entry[f"memory_vs_{key}"] = None
+            if base is None or b == variant:
+                continue
             if r["median_ms"]:
-                entry["speedup_vs_materialised"] = base["median_ms"] / r["median_ms"]
+                entry[f"speedup_vs_{key}"] = base["median_ms"] / r["median_ms"]
             if r.get("peak_mib") is not None and base.get("peak_mib"):
-                entry["memory_vs_materialised"] = r["peak_mib"] / base["peak_mib"]
-        else:
-            entry["note"] = "materialised path did not run at this size"
+                entry[f"memory_vs_{key}"] = r["peak_mib"] / base["peak_mib"]
         ratios.append(entry)
     return ratios
 
@@ -499,6 +538,88 @@ def memory_ratio(shape: tuple[int, int, int], op: str = "linear_logprobs") -> di
     }
 
 
+def workspace_worker(backend: str, dtype_name: str, shape: tuple[int, int, int], chunk: int,
+                     band: int) -> dict:
+    """Runs in a fresh subprocess: peak memory of one chunked backward above its inputs, the
+    outputs' bytes, and what ``chunked_backward.workspace_bytes`` predicts for it."""
+    from altpo_kernels import torch_chunked
+    from altpo_kernels.chunked_backward import workspace_bytes
+
+    n, h, v = shape
+    dtype = getattr(torch, dtype_name)
+    device = torch.device("cpu")
+    x = make_inputs(n, h, v, dtype, device, seed=2)
+    hidden, weight, labels = x["hidden"].detach(), x["weight"].detach(), x["labels"]
+    _, lse = torch_chunked.logprobs_forward(hidden, weight, labels)
+    grad = x["token_weights"]
+    if backend != "torch":
+        raise SystemExit("the workspace probe runs the torch backend (the CPU path)")
+    with PeakMemory(device) as mem:
+        dh, dw = torch_chunked.logprobs_backward(hidden, weight, labels, lse, grad, True, True,
+                                                 token_chunk=chunk, vocab_band=band)
+    size = hidden.element_size()
+    # outputs: the fp32 dH accumulator, its cast to the input dtype (16-bit only), dW
+    outputs = n * h * 4 + (n * h * size if size < 4 else 0) + v * h * size
+    return {"backend": backend, "dtype": dtype_name, "shape": list(shape), "chunk": chunk,
+            "band": band, "peak_bytes": mem.peak_bytes, "output_bytes": outputs,
+            "predicted_workspace_bytes": workspace_bytes(n, h, v, dtype, backend=backend,
+                                                         device="cpu", token_chunk=chunk,
+                                                         vocab_band=band),
+            "grad_abs_sum": float(dh.double().abs().sum() + dw.double().abs().sum())}
+
+
+def workspace_probe(backend: str, dtype_name: str, shape: tuple[int, int, int], chunk: int,
+                    band: int) -> dict:
+    """``workspace_worker`` in a fresh process (so earlier allocations do not hide its peak)."""
+    cmd = [sys.executable, "-m", "benchmarks.kernels", "--workspace-worker",
+           f"{backend},{dtype_name},{','.join(map(str, shape))},{chunk},{band}"]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    res = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        return {"error": res.stderr.strip()[-800:]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def gemm_calibration(device: torch.device, h: int, v: int, n: int, budget_s: float = 0.2) -> dict:
+    """cuBLAS (torch) GEMM rates at the chunked backward's shapes, fp32 outputs as it uses them.
+
+    Rows: the logits block of one (chunk, band) [C, H] x [H, Vb] (what the G producer computes),
+    ``dH[chunk] += G @ W_band`` and ``dW_band += G^T @ H_chunk`` through ``gemm_into`` (addmm with
+    ``out_dtype=float32`` on CUDA), and the same products with 16-bit outputs for comparison. The
+    sum gives the backward time these GEMMs alone predict at N tokens.
+    """
+    from altpo_kernels.chunked_backward import chunk_sizes, gemm_into
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    c, vb = chunk_sizes(n, v)
+    gen = torch.Generator(device="cpu").manual_seed(7)
+    hid = torch.randn(c, h, generator=gen).to(device, dtype)
+    w = (torch.randn(vb, h, generator=gen) * h**-0.5).to(device, dtype)
+    g = (torch.randn(c, vb, generator=gen) * 1e-3).to(device, dtype)
+    dh = torch.zeros(c, h, device=device)
+    acc = torch.zeros(vb, h, device=device)
+    cases = {
+        "logits [C,H]x[H,Vb] input-dtype out": (lambda: hid @ w.T, c * vb * h),
+        "dH += G @ W_band (fp32 out)": (lambda: gemm_into(dh, g, w, accumulate=True), c * vb * h),
+        "dW_band += G^T @ H_chunk (fp32 out)": (lambda: gemm_into(acc, g.T, hid, accumulate=True),
+                                                 c * vb * h),
+        "G @ W_band (input-dtype out)": (lambda: g @ w, c * vb * h),
+        "G^T @ H_chunk (input-dtype out)": (lambda: g.T @ hid, c * vb * h),
+    }
+    rows = []
+    for name, (fn, mnk) in cases.items():
+        t = time_fn(fn, device, budget_s=budget_s, warmup=2)
+        rows.append({"gemm": name, "m_n_k": [c, vb, h], "median_ms": t["median_ms"],
+                     "tflops": 2 * mnk / (t["median_ms"] * 1e-3) / 1e12})
+    steps = -(-n // c) * -(-v // vb)
+    per_step = sum(r["median_ms"] for r in rows[:3])
+    return {"dtype": str(dtype).replace("torch.", ""), "token_chunk": c, "vocab_band": vb,
+            "n": n, "h": h, "v": v, "rows": rows, "steps": steps,
+            "predicted_backward_ms": steps * per_step,
+            "note": "predicted_backward_ms: (chunks x bands) x (logits + dH + dW GEMM times); the "
+                    "fused producer also does the exp/epilogue, so this is a floor"}
+
+
 # ----------------------------------------------------------------------------------------------
 # driver
 
@@ -530,6 +651,10 @@ def parse_args(argv=None):
     p.add_argument("--no-check", action="store_true",
                    help="skip the float64 check of each variant's value and gradients")
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    p.add_argument("--workspace-worker", help=argparse.SUPPRESS)
+    p.add_argument("--calibrate", action="store_true",
+                   help="only time the cuBLAS GEMMs at the chunked backward's shapes (fp32 outputs), "
+                        "at each --tokens N (default 4096 16384; --quick: small CPU shapes)")
     p.add_argument("--op", default="linear_logprobs", help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -577,18 +702,14 @@ def run(args) -> dict:
         "absent": {k: v for k, v in why_absent.items() if v},
         "results": [], "ratios": [],
     }
-    # Variant-major order: each variant runs at every size before the next variant starts, so
-    # when the deadline cuts a run short the most important comparisons are complete.
-    inputs = {}
+    # Size-major order, N=4096 and 16384 first and the goals' comparisons first within a size
+    # (VARIANTS), so a deadline cuts what matters least; one set of inputs lives at a time.
     weights = {}
-    for variant in VARIANTS:
-        if why_absent[variant]:
-            continue
-        for n, h, v in shapes:
-            if (n, h, v) not in inputs:
-                inputs[(n, h, v)] = make_inputs(n, h, v, dtype, device, weight=weights.get((h, v)))
-                weights[(h, v)] = inputs[(n, h, v)]["weight"]
-            x = inputs[(n, h, v)]
+    for n, h, v in shapes:
+        x = None
+        for variant in VARIANTS:
+            if why_absent[variant]:
+                continue
             for op in args.ops:
                 base = {"op": op, "variant": variant, "n": n, "h": h, "v": v,
                         "dtype": str(dtype).replace("torch.", "")}
@@ -598,6 +719,13 @@ def run(args) -> dict:
                 if args.deadline is not None and time.perf_counter() - started > args.deadline:
                     payload["results"] += [dict(base, **{"pass": p, "status": "skipped: deadline"}) for p in PASSES]
                     continue
+                too_big = materialised_too_big(variant, n, v, dtype, device)
+                if too_big:
+                    payload["results"] += [dict(base, **{"pass": p, "status": f"skipped: {too_big}"}) for p in PASSES]
+                    continue
+                if x is None:
+                    x = make_inputs(n, h, v, dtype, device, weight=weights.get((h, v)))
+                    weights[(h, v)] = x["weight"]
                 eprint(f"[kernels] {op} N={n} {variant}")
                 payload["results"] += measure_variant(variant, op, x, device, budget,
                                                       check=not args.no_check)
@@ -607,7 +735,8 @@ def run(args) -> dict:
                         r["fraction_of_matmul"] = r["tflops"] / matmul["tflops"]
                 if args.out:
                     write_json(args.out, payload)
-    inputs.clear()
+        del x
+        free_memory(device)
     weights.clear()
     free_memory(device)
     payload["results"].sort(key=lambda r: (OPS.index(r["op"]), r["n"], VARIANTS.index(r["variant"]),
@@ -630,9 +759,12 @@ def summary(payload: dict) -> str:
                  f"{m['dtype']} matmul {m['tflops']:.3g} TFLOP/s"
                  + ("  [CPU --quick: small shapes, not a performance claim]" if payload["quick"] else ""))
     cols = [("op", "op", ""), ("n", "N", "d"), ("pass", "pass", ""), ("variant", "variant", ""),
-            ("median_ms", "ms", ".3g"), ("tflops", "TFLOP/s", ".3g"),
+            ("median_ms", "ms", ".3g"), ("tflops", "TFLOP/s 6NHV", ".3g"),
+            ("tflops_fused_count", "TFLOP/s 8NHV", ".3g"),
             ("fraction_of_matmul", "of matmul", ".2f"), ("peak_mib", "peak MiB", ".4g"),
-            ("speedup", "speed-up", ".2f"), ("mem_ratio", "mem ratio", ".3f"),
+            ("workspace_mib", "workspace MiB", ".4g"),
+            ("speedup", "x materialised", ".2f"), ("vs_compile", "x compile", ".2f"),
+            ("vs_liger", "x liger", ".2f"), ("mem_ratio", "mem/compile", ".3f"),
             ("err", "max err", ".1e"), ("status", "status", "")]
     ratio = {(r["op"], r["n"], r["pass"], r["variant"]): r for r in payload["ratios"]}
     rows = []
@@ -642,9 +774,15 @@ def summary(payload: dict) -> str:
         status = r["status"] if r["status"] != "ok" else (
             r["check"] if str(r.get("check", "")).startswith("FAILED") else "")
         rows.append(dict(r, speedup=rr.get("speedup_vs_materialised"), err=max(errs) if errs else None,
-                         mem_ratio=rr.get("memory_vs_materialised"),
+                         vs_compile=rr.get("speedup_vs_materialised_compile"),
+                         vs_liger=rr.get("speedup_vs_liger"),
+                         mem_ratio=rr.get("memory_vs_materialised_compile"),
                          status=status[:70]))
     lines.append(format_table(rows, cols))
+    lines.append("TFLOP/s 6NHV: model FLOPs (forward 2NHV, backward 4NHV); 8NHV: what the fused "
+                 "kernels execute (backward recomputes the logits: 6NHV). x <baseline>: baseline "
+                 "time / this time. workspace: the chunked backward's formula for altpo, the "
+                 "measured peak above inputs for the others.")
     if payload.get("absent"):
         lines.append("absent: " + "; ".join(f"{k}: {v}" for k, v in payload["absent"].items()))
     mr = payload.get("memory_ratio")
@@ -659,15 +797,44 @@ def summary(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def calibrate_main(args) -> int:
+    device = torch.device("cpu") if args.quick else pick_device(args.device)
+    if args.quick:
+        shapes = [(512, 128, 4096)]
+    else:
+        shapes = [(n, args.hidden, args.vocab) for n in (args.tokens or [4096, 16384])]
+    payload = {"benchmark": "gemm_calibration", "meta": run_metadata(device), "results": []}
+    for n, h, v in shapes:
+        r = gemm_calibration(device, h, v, n, budget_s=0.05 if args.quick else 0.2)
+        payload["results"].append(r)
+        eprint(f"[calibrate] N={n} H={h} V={v}: C={r['token_chunk']} Vb={r['vocab_band']}, "
+               f"{r['steps']} steps, GEMM floor {r['predicted_backward_ms']:.3g} ms")
+        for row in r["rows"]:
+            print(f"  N={n:6d} {row['gemm']:40s} {row['median_ms']:8.3f} ms {row['tflops']:8.1f} TFLOP/s")
+        if args.out:
+            write_json(args.out, payload)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.calibrate:
+        return calibrate_main(args)
+    if args.workspace_worker:
+        backend, dtype_name, n, h, v, chunk, band = args.workspace_worker.split(",")
+        print(json.dumps(workspace_worker(backend, dtype_name, (int(n), int(h), int(v)), int(chunk),
+                                          int(band))))
+        return 0
     if args.memory_worker:
         print(json.dumps(memory_worker(args.memory_worker, args.op, _parse_shape(args.shape, "--shape"))))
         return 0
     payload = run(args)
     print(summary(payload))
+    # A wrong number fails the run; an error of a comparison library is reported in its rows
+    # (and in "absent"), not allowed to fail the whole part.
     bad = [r for r in payload["results"]
-           if r["status"].startswith("error") or str(r.get("check", "")).startswith("FAILED")]
+           if str(r.get("check", "")).startswith("FAILED")
+           or (r["status"].startswith("error") and r["variant"].startswith("altpo"))]
     return 1 if bad else 0
 
 

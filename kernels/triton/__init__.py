@@ -10,8 +10,10 @@ before triton is imported). Implements the backend interface described in
     segment_sum(values [N] fp32, seq_ids [N], num_seqs) -> [S] fp32
     gather_segments(seq_values [S] fp32, seq_ids [N]) -> [N] fp32
 
-``aot_compile`` compiles every kernel configuration for sm_80 and sm_90 without a GPU and reports
-registers, spills and shared memory.
+``logprobs_backward`` is the shared chunk loop of ``altpo_kernels.chunked_backward`` with this
+backend's G producer (``logprobs_backward.produce_g``). ``aot_compile`` compiles every kernel
+configuration for sm_80 and sm_90 without a GPU and reports registers, spills and shared memory;
+``sass_check`` reads the compiled SASS for spills and wgmma register-operand hazards.
 """
 
 from .interpreter_compat import patch_interpreter_index

@@ -1,12 +1,13 @@
 """Ahead-of-time compile of every Triton kernel configuration for sm_80 and sm_90, without a GPU.
 
-Each configuration (kernel x input dtype x gradient flags, with the tile shapes of
-``tile_configs``) goes through the full Triton pipeline to PTX and a cubin for the target
-architecture. The report gives, per configuration: registers per thread and spill bytes
-(``ptxas -v`` on the PTX, with the ptxas that ships in the triton wheel), shared memory per
-block (Triton's launch metadata), the resident blocks per SM those allow, and which tensor-core
+Each configuration (kernel x input dtype, with the tile shapes of ``tile_configs``) goes through
+the full Triton pipeline to PTX and a cubin for the target architecture. The report gives, per
+configuration: registers per thread and spill bytes (the ``ptxas -v`` log of Triton's own ptxas
+run, so each Triton release is measured with the ptxas and flags it uses itself), shared memory
+per block (Triton's launch metadata), the resident blocks per SM those allow, which tensor-core
 instructions the PTX and SASS use (``wgmma`` / ``HGMMA`` on sm_90, ``mma.sync`` / ``HMMA`` on
-sm_80).
+sm_80), and two static SASS checks (``sass_check``, on ``cuobjdump -sass`` from the triton wheel):
+local-memory instructions (spills) and wgmma register-operand hazards around loops.
 
     python -m altpo_kernels.triton.aot_compile            # table for sm_80 and sm_90
     python -m altpo_kernels.triton.aot_compile --json     # the rows as JSON
@@ -19,6 +20,8 @@ compiled, so ``compile_report()`` then runs itself in a child process without th
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
@@ -33,7 +36,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from .logprobs_backward import _logprobs_backward_kernel
+from . import sass_check
+from .logprobs_backward import _grad_logits_kernel
 from .logprobs_forward import _logprobs_forward_kernel, _lse_combine_kernel
 from .segment_ops import _gather_segments_kernel, _segment_sum_kernel
 from .tile_configs import (
@@ -81,7 +85,7 @@ def kernel_configs(arch: str) -> list[KernelConfig]:
         out.append(KernelConfig(
             name=f"logprobs_forward[{dt}]",
             kernel=_logprobs_forward_kernel,
-            types=dict(hidden_ptr=f"*{dt}", weight_ptr=f"*{dt}", labels_ptr="*i64",
+            types=dict(hidden_ptr=f"*{dt}", weight_ptr=f"*{dt}", labels_ptr="*i32",
                        part_max_ptr="*fp32", part_sum_ptr="*fp32", label_logit_ptr="*fp32",
                        n_tokens="i32", vocab="i32", hidden_size="i32", vocab_per_split="i32"),
             constexprs=dict(BLOCK_N=f.block_n, BLOCK_V=f.block_v, BLOCK_H=f.block_h,
@@ -101,20 +105,18 @@ def kernel_configs(arch: str) -> list[KernelConfig]:
     ))
     for dt in DTYPES:
         b = tiles.backward_fp32 if dt == "fp32" else tiles.backward
-        for need_dh, need_dw, tag in ((True, True, "dH+dW"), (True, False, "dH"), (False, True, "dW")):
-            out.append(KernelConfig(
-                name=f"logprobs_backward[{dt},{tag}]",
-                kernel=_logprobs_backward_kernel,
-                types=dict(hidden_ptr=f"*{dt}", weight_ptr=f"*{dt}", labels_ptr="*i64",
-                           lse_ptr="*fp32", grad_ptr="*fp32", dhidden_ptr="*fp32",
-                           dweight_ptr="*fp32", n_tokens="i32", vocab="i32", hidden_size="i32"),
-                constexprs=dict(NEED_DH=need_dh, NEED_DW=need_dw, BLOCK_N=b.block_n,
-                                BLOCK_V=b.block_v, BLOCK_H=b.block_h, GROUP_N=b.group_n,
-                                DOT_PRECISION=_dot_precision(dt), UPCAST_DOT=False),
-                num_warps=b.num_warps, num_stages=b.num_stages,
-                divisible=("hidden_ptr", "weight_ptr", "labels_ptr", "lse_ptr", "grad_ptr",
-                           "dhidden_ptr", "dweight_ptr", "hidden_size"),
-            ))
+        out.append(KernelConfig(
+            name=f"grad_logits[{dt}]",
+            kernel=_grad_logits_kernel,
+            types=dict(hidden_ptr=f"*{dt}", weight_ptr=f"*{dt}", labels_ptr="*i32",
+                       lse_ptr="*fp32", grad_ptr="*fp32", out_ptr=f"*{dt}", n_tokens="i32",
+                       band="i32", hidden_size="i32", band_start="i32"),
+            constexprs=dict(BLOCK_N=b.block_n, BLOCK_V=b.block_v, BLOCK_H=b.block_h,
+                            GROUP_N=b.group_n, DOT_PRECISION=_dot_precision(dt), UPCAST_DOT=False),
+            num_warps=b.num_warps, num_stages=b.num_stages,
+            divisible=("hidden_ptr", "weight_ptr", "labels_ptr", "lse_ptr", "grad_ptr", "out_ptr",
+                       "hidden_size", "band"),
+        ))
     out.append(KernelConfig(
         name="segment_sum",
         kernel=_segment_sum_kernel,
@@ -132,42 +134,79 @@ def kernel_configs(arch: str) -> list[KernelConfig]:
     return out
 
 
-def _tool(name: str) -> str:
-    return getattr(triton.knobs.nvidia, name).path
+def ptxas_path(capability: int) -> str:
+    """The ptxas this Triton release runs for ``capability`` (3.9 uses its newer ``ptxas-blackwell``
+    from sm_90 on; an older ptxas rejects the PTX version 3.9 emits)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+    except ImportError:
+        return triton.knobs.nvidia.ptxas.path
+    return get_ptxas(capability).path
+
+
+def cuobjdump_path() -> str:
+    return triton.knobs.nvidia.cuobjdump.path
+
+
+@contextlib.contextmanager
+def _triton_ptxas_log():
+    """Capture the ``ptxas -v`` log of Triton's own ptxas run (its flags, its ptxas): Triton
+    prints it when ``dump_ptxas_log`` is on; ``always_compile`` keeps the cache from skipping it."""
+    nvidia, compilation = triton.knobs.nvidia, triton.knobs.compilation
+    saved = (nvidia.dump_ptxas_log, compilation.always_compile)
+    nvidia.dump_ptxas_log, compilation.always_compile = True, True
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield buf
+    finally:
+        nvidia.dump_ptxas_log, compilation.always_compile = saved
+
+
+def _parse_ptxas_log(log: str) -> dict | None:
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    stack = re.search(r"(\d+) bytes stack frame", log)
+    if not (regs and spill and stack):
+        return None
+    return {"registers": int(regs.group(1)), "spill_stores": int(spill.group(1)),
+            "spill_loads": int(spill.group(2)), "stack_bytes": int(stack.group(1))}
 
 
 def _ptxas_usage(ptx: str, capability: int) -> dict:
-    """Registers and spill bytes from ``ptxas -v`` (the same ptxas Triton itself runs)."""
+    """Fallback when Triton's log was not captured: ``ptxas -v`` run here with Triton's ptxas."""
     arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "kernel.ptx")
         with open(src, "w") as fh:
             fh.write(ptx)
-        proc = subprocess.run([_tool("ptxas"), "-v", f"--gpu-name={arch}", src,
+        proc = subprocess.run([ptxas_path(capability), "-v", f"--gpu-name={arch}", src,
                                "-o", os.path.join(tmp, "kernel.cubin")],
-                              capture_output=True, text=True, check=True)
-    log = proc.stderr + proc.stdout
-    regs = re.search(r"Used (\d+) registers", log)
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    stack = re.search(r"(\d+) bytes stack frame", log)
-    return {
-        "registers": int(regs.group(1)),
-        "spill_stores": int(spill.group(1)),
-        "spill_loads": int(spill.group(2)),
-        "stack_bytes": int(stack.group(1)),
-    }
+                              capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{ptxas_path(capability)} failed: {proc.stderr[-2000:]}")
+    usage = _parse_ptxas_log(proc.stderr + proc.stdout)
+    if usage is None:
+        raise RuntimeError(f"could not read registers from ptxas -v output:\n{proc.stderr[-2000:]}")
+    return usage
 
 
-def _sass_mma(cubin: bytes) -> str:
-    """Tensor-core instruction families in the SASS (cuobjdump ships in the triton wheel)."""
+def disassemble(cubin: bytes) -> str:
+    """``cuobjdump -sass`` of a cubin, with the cuobjdump that ships in the triton wheel."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as fh:
             fh.write(cubin)
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True,
+        return subprocess.run([cuobjdump_path(), "-sass", path], capture_output=True,
                               text=True, check=True).stdout
-    found = sorted({m for m in re.findall(r"\b(HGMMA|HMMA|IMMA)\b", sass)})
-    return "+".join(f"{m}x{sass.count(m)}" for m in found) or "-"
+
+
+def _sass_mma(sass: str) -> str:
+    """Tensor-core instruction families in the SASS, with counts."""
+    counts = {}
+    for m in re.findall(r"\b(HGMMA|HMMA|IMMA)\b", sass):
+        counts[m] = counts.get(m, 0) + 1
+    return "+".join(f"{m}x{counts[m]}" for m in sorted(counts)) or "-"
 
 
 def _ptx_mma(ptx: str) -> str:
@@ -191,27 +230,39 @@ def _ptx_mma_detail(ptx: str) -> tuple[list[str], list[str]]:
     return sorted(types), sorted(shapes)
 
 
-def compile_config(cfg: KernelConfig, arch: str) -> dict:
-    """Compile one configuration for ``arch`` and measure it. Raises if compilation fails."""
-    capability = ARCHS[arch]
-    fn = cfg.kernel
-    if not isinstance(fn, JITFunction):
+def compile_kernel(kernel, types: dict, constexprs: dict, arch: str, *, num_warps: int,
+                   num_stages: int, divisible=(), maxnreg: int | None = None):
+    """Compile one kernel for ``arch`` without a GPU: ``(compiled, ptxas usage or None)``."""
+    if not isinstance(kernel, JITFunction):
         raise RuntimeError(
             "the kernels were created by the Triton interpreter (TRITON_INTERPRET=1); "
             "use compile_report(), which compiles in a child process without it"
         )
-    signature = {n: ("constexpr" if n in cfg.constexprs else cfg.types[n]) for n in fn.arg_names}
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in cfg.divisible}
+    signature = {n: ("constexpr" if n in constexprs else types[n]) for n in kernel.arg_names}
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    with _triton_ptxas_log() as log:
+        compiled = triton.compile(
+            ASTSource(kernel, signature, constexprs, attrs),
+            target=GPUTarget("cuda", ARCHS[arch], 32),
+            options={"num_warps": num_warps, "num_stages": num_stages,
+                     **({"maxnreg": maxnreg} if maxnreg else {})},
+        )
+    return compiled, _parse_ptxas_log(log.getvalue())
+
+
+def compile_config(cfg: KernelConfig, arch: str) -> dict:
+    """Compile one configuration for ``arch`` and measure it. Raises if compilation fails."""
+    capability = ARCHS[arch]
     start = time.perf_counter()
-    compiled = triton.compile(
-        ASTSource(fn, signature, cfg.constexprs, attrs),
-        target=GPUTarget("cuda", capability, 32),
-        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                 **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {})},
-    )
+    compiled, usage = compile_kernel(cfg.kernel, cfg.types, cfg.constexprs, arch,
+                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                     divisible=cfg.divisible, maxnreg=cfg.maxnreg)
     seconds = time.perf_counter() - start
     ptx = compiled.asm["ptx"]
-    usage = _ptxas_usage(ptx, capability)
+    source = "triton's ptxas run"
+    if usage is None:
+        usage, source = _ptxas_usage(ptx, capability), "ptxas re-run"
+    sass = disassemble(compiled.asm["cubin"])
     mma_types, mma_shapes = _ptx_mma_detail(ptx)
     shared = int(compiled.metadata.shared)
     threads = cfg.num_warps * 32
@@ -226,13 +277,17 @@ def compile_config(cfg: KernelConfig, arch: str) -> dict:
         "num_warps": cfg.num_warps,
         "num_stages": cfg.num_stages,
         **usage,
+        "usage_from": source,
         "shared_bytes": shared,
         "shared_limit": SHARED_MEMORY_LIMIT[arch],
         "blocks_per_sm": blocks,
         "ptx_mma": _ptx_mma(ptx),
         "mma_operand_types": mma_types,
         "mma_shapes": mma_shapes,
-        "sass_mma": _sass_mma(compiled.asm["cubin"]),
+        "sass_mma": _sass_mma(sass),
+        "hgmma_count": sass_check.hgmma_count(sass),
+        "sass_local_memory_ops": sass_check.spill_instructions(sass),
+        "wgmma_hazards": sass_check.wgmma_register_hazards(sass),
         "compile_s": round(seconds, 2),
     }
 
@@ -241,8 +296,10 @@ def compile_report(archs=("sm_80", "sm_90")) -> list[dict]:
     """Compile every kernel configuration for each of ``archs``; one dict per configuration.
 
     Keys: kernel, arch, tiles, num_warps, num_stages, registers, spill_stores, spill_loads,
-    stack_bytes, shared_bytes, shared_limit, blocks_per_sm, ptx_mma (wgmma / mma.sync / -),
-    mma_operand_types and mma_shapes (of the PTX tensor-core instructions), sass_mma, compile_s.
+    stack_bytes, usage_from, shared_bytes, shared_limit, blocks_per_sm, ptx_mma (wgmma /
+    mma.sync / -), mma_operand_types and mma_shapes (of the PTX tensor-core instructions),
+    sass_mma, hgmma_count, sass_local_memory_ops (LDL/STL), wgmma_hazards (messages of
+    ``sass_check.wgmma_register_hazards``), compile_s.
     """
     if not isinstance(_logprobs_forward_kernel, JITFunction):
         return _report_in_child(archs)
@@ -268,14 +325,16 @@ COLUMNS = (
     ("arch", "arch"), ("kernel", "kernel"), ("tiles", "tiles NxVxH"), ("num_warps", "warps"),
     ("num_stages", "stages"), ("registers", "regs"), ("spill_stores", "spill st"),
     ("spill_loads", "spill ld"), ("shared_bytes", "smem B"), ("blocks_per_sm", "blocks/SM"),
-    ("ptx_mma", "PTX mma"), ("sass_mma", "SASS mma"), ("compile_s", "compile s"),
+    ("ptx_mma", "PTX mma"), ("sass_mma", "SASS mma"), ("hazards", "wgmma hazards"),
+    ("compile_s", "compile s"),
 )
 
 
 def format_table(rows: list[dict]) -> str:
     """The report as an aligned text table (Markdown-compatible)."""
     header = [title for _, title in COLUMNS]
-    body = [[str(row[key]) for key, _ in COLUMNS] for row in rows]
+    body = [[str(len(row.get("wgmma_hazards", [])) if key == "hazards" else row[key])
+             for key, _ in COLUMNS] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h)
               for i, h in enumerate(header)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
@@ -284,12 +343,17 @@ def format_table(rows: list[dict]) -> str:
 
 
 def problems(rows: list[dict]) -> list[str]:
-    """Configurations that spill or exceed the architecture's shared memory or register limits."""
+    """Configurations that spill, exceed the architecture's shared memory or register limits, or
+    have a wgmma register-operand hazard in their SASS."""
     bad = []
     for r in rows:
         where = f"{r['arch']} {r['kernel']}"
         if r["spill_stores"] or r["spill_loads"]:
             bad.append(f"{where}: spills {r['spill_stores']} B stores / {r['spill_loads']} B loads")
+        if r.get("sass_local_memory_ops"):
+            bad.append(f"{where}: {r['sass_local_memory_ops']} local-memory (LDL/STL) instructions")
+        for msg in r.get("wgmma_hazards", []):
+            bad.append(f"{where}: wgmma register hazard: {msg}")
         if r["shared_bytes"] > r["shared_limit"]:
             bad.append(f"{where}: {r['shared_bytes']} B shared memory > {r['shared_limit']} B")
         if r["registers"] > MAX_REGISTERS_PER_THREAD:

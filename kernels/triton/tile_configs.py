@@ -21,12 +21,12 @@ MAX_REGISTERS_PER_THREAD = 255
 
 @dataclass(frozen=True)
 class LogprobsTiles:
-    """Tiles of the log-prob forward and backward kernels.
+    """Tiles of the log-prob forward kernel and of the backward's G producer.
 
     ``block_n`` tokens x ``block_v`` vocabulary entries of logits are held in registers (fp32);
     the hidden dimension is walked in ``block_h`` slices through shared memory, ``num_stages`` of
-    them in flight. ``group_n`` orders the backward's programs so that programs running at the same
-    time share token blocks and vocabulary tiles in L2.
+    them in flight. ``group_n`` orders the G producer's programs so that programs running at the
+    same time share token blocks and vocabulary tiles in L2.
     """
 
     block_n: int
@@ -54,11 +54,9 @@ class ArchTiles:
     forward_fp32: LogprobsTiles
     backward_fp32: LogprobsTiles
     elementwise: ElementwiseTiles
-    # Forward programs wanted per SM when choosing how many vocabulary splits to run: with fewer
-    # token blocks than that, the vocabulary is split so that every SM stays busy. One block fits
-    # an SM at a time (register use), so this is a number of waves; four keep the last, partly
-    # empty wave under a quarter of the run time.
-    forward_waves: int
+    # Forward blocks resident per SM (registers and shared memory allow one for the 16-bit tiles):
+    # ``vocab_split`` counts waves of ``forward_blocks_per_sm x SMs`` programs.
+    forward_blocks_per_sm: int
 
     def logprobs(self, direction: str, dtype: torch.dtype) -> LogprobsTiles:
         """Tiles of the ``"forward"`` or ``"backward"`` kernel for inputs of ``dtype``."""
@@ -70,23 +68,22 @@ TILES = {
     "sm_90": ArchTiles(
         # 128 x 128 fp32 logits over 8 warps = two warpgroups, each issuing m64n128k16 wgmma on
         # its half: 64 accumulator registers a thread. A 64-wide hidden slice of both operands is
-        # 32 KiB of bf16, so 4 stages take 128 KiB of the 227 KiB and keep loads well ahead of the
-        # tensor cores. 232 registers, no spills: one block per SM, which is what a 128 x 128
-        # wgmma tile wants anyway.
+        # 32 KiB of bf16, so 4 stages take 128 KiB of the 227 KiB. 128 x 256 x 64 fits 255
+        # registers on triton 3.6 but spills 212 B a thread on 3.9 (the online-softmax state on top
+        # of 128 accumulator registers), so the forward keeps 128 x 128 and gets its "fewer waves"
+        # from vocab_split: N=4096, V=128256 runs as one wave of 128 programs.
         forward=LogprobsTiles(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=4),
-        # The backward holds the logits tile, then two 16-bit copies of D (for dH and dW) and the
-        # fp32 dH [128 x 32] and dW [128 x 32] slices: a 32-wide hidden slice keeps that at 248
-        # registers without spills (64-wide reaches 254). 128 x 128 tiles keep the atomic traffic
-        # per flop low: (block_n + block_v) * H atomics per 6 * block_n * block_v * H flops.
-        backward=LogprobsTiles(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=3),
+        # The G producer (backward) is the forward's logits tile plus an epilogue that stores
+        # g * (onehot - p) as a 16-bit tile: the same 128 x 256 x 64 shape fits 255 registers
+        # without spills. A [4096, 2048] chunk x band is 32 x 8 = 256 programs, two full waves.
+        backward=LogprobsTiles(block_n=128, block_v=256, block_h=64, num_warps=8, num_stages=3),
         # fp32: 128 x 64 keeps the 3xTF32 fragments at 190 registers with 64 KiB shared memory;
         # 128 x 128 x 64 needs 256 KiB (over the limit) and spills.
         forward_fp32=LogprobsTiles(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=3),
-        # fp32 backward: 64 x 64 tiles over 4 warps, 227 registers, 64 KiB, two blocks per SM;
-        # 128 x 128 spills ~460 bytes a thread.
-        backward_fp32=LogprobsTiles(block_n=64, block_v=64, block_h=32, num_warps=4, num_stages=2),
+        # fp32 G producer: the fp32 forward's 3xTF32 tile minus the online softmax state.
+        backward_fp32=LogprobsTiles(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=3),
         elementwise=ElementwiseTiles(block=1024, num_warps=4),
-        forward_waves=4,
+        forward_blocks_per_sm=1,
     ),
     "sm_80": ArchTiles(
         # mma.sync m16n8k16: 128 x 128 fp32 logits over 8 warps is 64 accumulator registers a
@@ -94,17 +91,15 @@ TILES = {
         # per SM. Without wgmma the fragments sit in registers, so the hidden slice stays 32 wide
         # (64 wide reaches the 255 ceiling); 3 cp.async stages of 16 KiB hide the load latency.
         forward=LogprobsTiles(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=3),
-        # 208 registers and 96 KiB (two pipelined loops of 2 stages) of the 163 KiB; a third stage
-        # adds 16 KiB and registers for little gain since each loaded slice feeds two MMAs.
-        backward=LogprobsTiles(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=2),
+        # G producer: the forward's tile and pipeline (one dot chain, then a store).
+        backward=LogprobsTiles(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=3),
         # fp32 (3xTF32): 64 x 64 x 32 over 4 warps, 255 registers without spills, two blocks per
         # SM; 128 x 128 spills over a kilobyte a thread.
         forward_fp32=LogprobsTiles(block_n=64, block_v=64, block_h=32, num_warps=4, num_stages=3),
-        # fp32 backward: a 16-wide hidden slice is what stays spill-free (236 registers);
-        # 32 wide spills 224 bytes a thread.
-        backward_fp32=LogprobsTiles(block_n=64, block_v=64, block_h=16, num_warps=4, num_stages=3),
+        # fp32 G producer: the fp32 forward's tile.
+        backward_fp32=LogprobsTiles(block_n=64, block_v=64, block_h=32, num_warps=4, num_stages=3),
         elementwise=ElementwiseTiles(block=1024, num_warps=4),
-        forward_waves=4,
+        forward_blocks_per_sm=1,
     ),
     "interpreter": ArchTiles(
         # The interpreter runs every program in numpy on the CPU: 16-wide tiles (the smallest
@@ -117,7 +112,7 @@ TILES = {
         backward_fp32=LogprobsTiles(block_n=16, block_v=16, block_h=16, num_warps=1,
                                     num_stages=1, group_n=2),
         elementwise=ElementwiseTiles(block=16, num_warps=1),
-        forward_waves=2,
+        forward_blocks_per_sm=1,
     ),
 }
 
@@ -155,7 +150,7 @@ def tiles_for(device: torch.device) -> ArchTiles:
             forward_fp32=_with_stages(tiles.forward_fp32, 2),
             backward_fp32=_with_stages(tiles.backward_fp32, 2),
             elementwise=tiles.elementwise,
-            forward_waves=tiles.forward_waves,
+            forward_blocks_per_sm=tiles.forward_blocks_per_sm,
         )
     return tiles
 

@@ -119,6 +119,8 @@ def test_torch_backend_tiles_cover_several_chunks(monkeypatch):
 
     monkeypatch.setattr(torch_chunked, "TOKEN_CHUNK", 8)
     monkeypatch.setattr(torch_chunked, "VOCAB_CHUNK", 16)
+    monkeypatch.setattr(torch_chunked, "BACKWARD_TOKEN_CHUNK", 9)
+    monkeypatch.setattr(torch_chunked, "BACKWARD_VOCAB_BAND", 17)
     hidden, weight, labels = random_linear_inputs(45, 11, 77, torch.float32, "cpu", 17)
     upstream = torch.randn(45, generator=torch.Generator().manual_seed(18))
     ref, ref_dh, ref_dw = _reference_and_grads(hidden, weight, labels, upstream)

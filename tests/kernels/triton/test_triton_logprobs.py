@@ -41,13 +41,16 @@ def test_forward_vocabulary_splits_combine_exactly(splits):
 
 
 def test_vocab_split_covers_the_vocabulary():
-    # (n_tokens, vocab, block_n, block_v, programs) -> hand-checked split counts
-    assert vocab_split(4096, 128256, 128, 128, 528) == (17, 7552)   # 32 token blocks, 1002 tiles
-    assert vocab_split(16384, 128256, 128, 128, 528) == (5, 25728)  # 128 token blocks
-    assert vocab_split(100_000, 32000, 128, 128, 528) == (1, 32000)  # enough token blocks already
-    assert vocab_split(10, 40, 16, 16, 64) == (3, 16)  # never more splits than tiles
+    # (n_tokens, vocab, block_n, block_v, slots) -> hand-checked choices on 132 SMs
+    # 32 token blocks x 1002 tiles: 4 splits of 251 tiles = 128 programs in one wave (cost 251
+    # tile-times; the best, 53 splits in 13 waves, costs 247: within 4 %, so fewer splits win)
+    assert vocab_split(4096, 128256, 128, 128, 132) == (4, 32128)
+    assert vocab_split(16384, 128256, 128, 128, 132) == (1, 128256)  # 128 blocks: one wave already
+    assert vocab_split(100_000, 32000, 128, 128, 132) == (1, 32000)
+    # 3 tiles on 2 slots: 1 split costs 3, 2 or 3 splits cost 2; the fewest at that cost is 2
+    assert vocab_split(10, 40, 16, 16, 2) == (2, 32)
     for n, v in [(1, 7), (33, 1000), (4096, 128256), (5000, 151936)]:
-        splits, per = vocab_split(n, v, 128, 128, 264)
+        splits, per = vocab_split(n, v, 128, 128, 132)
         assert per % 128 == 0 and splits * per >= v and (splits - 1) * per < v
 
 
@@ -93,30 +96,3 @@ def test_small_upstream_gradients_keep_relative_accuracy_in_fp16():
         assert scale > 0
         err = (got.double().cpu() - ref).abs().max() / scale
         assert err < 2e-3, f"{what}: max error {err:.3g} of the gradient's scale"
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backward_in_vocabulary_bands(monkeypatch, dtype):
-    """dW summed band by band (with labels in every band) equals the float64 reference."""
-    import importlib
-
-    from altpo_kernels import linear_logprobs
-
-    bwd = importlib.import_module("altpo_kernels.triton.logprobs_backward")
-    monkeypatch.setattr(bwd, "DW_BAND_ROWS", 48)
-    g = torch.Generator().manual_seed(123)
-    n, h, v = 41, 20, 130  # three bands, the last one ragged
-    hidden = torch.randn(n, h, generator=g).to(dtype)
-    weight = (torch.randn(v, h, generator=g) / 3).to(dtype)
-    labels = torch.randint(0, v, (n,), generator=g)
-    upstream = torch.randn(n, generator=g)
-    hd = hidden.double().requires_grad_()
-    wd = weight.double().requires_grad_()
-    (linear_logprobs_reference(hd, wd, labels) * upstream.double()).sum().backward()
-    hh = hidden.clone().requires_grad_()
-    ww = weight.clone().requires_grad_()
-    (linear_logprobs(hh, ww, labels, backend="triton") * upstream).sum().backward()
-    tol = dict(rtol=1e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
-    assert ww.grad.dtype == dtype
-    torch.testing.assert_close(hh.grad.double(), hd.grad, **tol)
-    torch.testing.assert_close(ww.grad.double(), wd.grad, **tol)
