@@ -22,6 +22,10 @@
 #              the chunked backward's shapes
 #   step       (d) python -m benchmarks.step
 #   packed     python -m benchmarks.packed_vs_padded (packing and the memory planner's prediction)
+#   cuda       python -m benchmarks.cuda_vs_triton: the cuda backend (kernels/csrc) timed beside
+#              triton and each checked against the other at full size; needs build/libaltpo_csrc.so
+#              (built here by scripts/build_csrc.sh, beside the tests, when nvcc is present; else
+#              carry a prebuilt build/ folder)
 #   report     python -m benchmarks.report -> benchmarks/results/<date>-<card>.json/.md/.png
 # A part's limit shrinks to what is left of the suite's budget (SUITE_BUDGET_S, default 450 s), so
 # the whole run ends inside 8 minutes even when early parts run long. kernels and step write their
@@ -38,7 +42,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --quick) quick=1 ;;
         --out-dir) out_dir="$2"; shift ;;
-        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
         *) echo "gpu_suite.sh: unknown argument $1 (use --quick or --out-dir DIR)" >&2; exit 2 ;;
     esac
     shift
@@ -117,7 +121,10 @@ else
 fi
 
 # compile is CPU work (ptxas): it runs beside the kernel tests, before anything is timed
-( part compile "${limits[1]}" "$PY" -m benchmarks.compile_report "${q[@]}" --out "$work/compile.json" ) &
+( part compile "${limits[1]}" "$PY" -m benchmarks.compile_report "${q[@]}" --out "$work/compile.json"
+  if [ "$quick" = 0 ] && [ ! -f build/libaltpo_csrc.so ] && { command -v nvcc >/dev/null || [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; }; then
+      part csrc-build 120 bash scripts/build_csrc.sh
+  fi ) &
 compile_pid=$!
 part gpu-tests "$(fit "${limits[0]}")" "$PY" -m pytest -q -p no:cacheprovider --junitxml="$work/gpu-tests.xml" "${tests[@]}"
 wait "$compile_pid"
@@ -126,6 +133,9 @@ lim=$(fit "${limits[2]}")
 part kernels "$lim" "$PY" -m benchmarks.kernels "${q[@]}" --deadline $((lim * 3 / 4)) --out "$work/kernels.json"
 part calibrate "$(fit "${limits[3]}")" "$PY" -m benchmarks.kernels --calibrate "${q[@]}" --out "$work/calibrate.json"
 part step "$(fit "${limits[4]}")" "$PY" -m benchmarks.step "${q[@]}" --out "$work/step.json"
+if [ "$quick" = 0 ] && [ -f build/libaltpo_csrc.so ]; then
+    part cuda "$(fit 90)" "$PY" -m benchmarks.cuda_vs_triton --budget 0.5 --out "$work/cuda_vs_triton.json"
+fi
 if [ -f benchmarks/packed_vs_padded.py ]; then
     part packed "$(fit "${limits[5]}")" "$PY" -m benchmarks.packed_vs_padded "${packed_args[@]}" --out "$work/packed.json"
 fi
@@ -140,7 +150,7 @@ say "done in $((SECONDS - t_start))s; results in $out_dir"
 
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
     cp "$out_dir"/*.json "$out_dir"/*.md "$out_dir"/*.png "$OUT"/ 2>/dev/null
-    cp "$work/calibrate.json" "$OUT"/ 2>/dev/null
+    cp "$work/calibrate.json" "$work/cuda_vs_triton.json" "$OUT"/ 2>/dev/null
     tar -czf "$OUT/suite-logs.tar.gz" -C "$work" . 2>/dev/null
     cp "$log" "$OUT/suite.log"
 fi
