@@ -9,7 +9,15 @@ open-unlearning defines them, and prints a table of the headline metrics.
         --output out/unlearned/evals
 
 forget_quality and privleak compare with the retain model's TOFU_EVAL.json (--retain-logs);
-without it they are skipped (written as null).
+without it they are skipped (written as null). mia_reference compares with a second model
+(--reference-model, open-unlearning uses the retain model).
+
+--numerics open-unlearning masks every token equal to the pad token out of attention, as
+open-unlearning's collator does (with pad = eos, each in-sequence <|eot_id|>), so the numbers
+compare with its published logs; the default masks padding only.
+
+Under torchrun (torchrun --nproc-per-node N -m altpo.cli eval ...) the work is split across the
+processes; the result equals the single-process one and rank 0 writes it.
 """
 
 from __future__ import annotations
@@ -20,7 +28,9 @@ from pathlib import Path
 from altpo.errors import UserError
 from altpo.model.loading import add_model_arguments, check_model_source, load_model_and_tokenizer
 
-GROUPS = ("forget", "retain", "ra", "wf", "mia", "gradnorm", "memorization")
+GROUPS = ("forget", "retain", "ra", "wf", "mia", "gradnorm", "memorization", "reference")
+DEFAULT_GROUPS = GROUPS[:-1]
+NUMERICS = ("altpo-fast", "open-unlearning")
 
 
 def add_arguments(parser) -> None:
@@ -38,8 +48,16 @@ def add_arguments(parser) -> None:
                         help="folder (or file) with the retain model's TOFU_EVAL.json, for forget_quality "
                         "and privleak; without it those two are skipped")
     parser.add_argument("--output", required=True, help="folder to write TOFU_EVAL.json and TOFU_SUMMARY.json to")
-    parser.add_argument("--metrics", default=",".join(GROUPS),
-                        help=f"comma-separated metric groups to compute, from {', '.join(GROUPS)} (default: all)")
+    parser.add_argument("--metrics", default=None,
+                        help=f"comma-separated metric groups to compute, from {', '.join(GROUPS)} (default: "
+                        "all but reference; reference too when --reference-model is given)")
+    parser.add_argument("--reference-model", default=None,
+                        help="second model for mia_reference (its loss is subtracted from this model's; "
+                        "open-unlearning uses the retain model); it must share the tokenizer")
+    parser.add_argument("--numerics", default="altpo-fast", choices=NUMERICS,
+                        help="altpo-fast (default): padding masked by position. open-unlearning: every token "
+                        "equal to the pad token masked out of attention, as its collator does (pad = eos "
+                        "masks each in-sequence end-of-turn token), to compare with its published logs")
     parser.add_argument("--batch-size", type=int, default=16,
                         help="sequences per forward pass and prompts per generate call (default 16)")
     parser.add_argument("--max-new-tokens", type=int, default=200,
@@ -57,10 +75,15 @@ def _check(args) -> list[str]:
     """Every user-fixable problem, before the model loads."""
     from altpo.eval.tofu import check_tofu_source, load_retain_logs, required_splits
 
-    groups = [g.strip() for g in args.metrics.split(",") if g.strip()]
+    if args.metrics is None:
+        groups = list(GROUPS if args.reference_model else DEFAULT_GROUPS)
+    else:
+        groups = [g.strip() for g in args.metrics.split(",") if g.strip()]
     bad = [g for g in groups if g not in GROUPS]
     if bad or not groups:
         raise UserError(f"--metrics: unknown group(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(GROUPS)}")
+    if "reference" in groups and not args.reference_model:
+        raise UserError("--metrics reference (mia_reference) needs --reference-model, e.g. the retain model")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_new_tokens < 1:
@@ -70,7 +93,9 @@ def _check(args) -> list[str]:
     check_model_source(args.model, "--model")
     if args.tokenizer:
         check_model_source(args.tokenizer, "--tokenizer")
-    if {"mia", "gradnorm"} & set(groups) and not args.holdout_split and "forget" not in args.forget_split:
+    if args.reference_model:
+        check_model_source(args.reference_model, "--reference-model")
+    if {"mia", "gradnorm", "reference"} & set(groups) and not args.holdout_split and "forget" not in args.forget_split:
         raise UserError(f"--forget-split {args.forget_split}: cannot derive the holdout split; pass --holdout-split")
     try:
         check_tofu_source(args.data, required_splits(args.forget_split, groups, args.holdout_split))
@@ -94,21 +119,43 @@ def _check(args) -> list[str]:
     return groups
 
 
+def _process_device(device: str) -> str:
+    """Under torchrun each process takes its own GPU (cuda:LOCAL_RANK) when the device is auto."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device == "auto" and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
 def run(args) -> int:
     groups = _check(args)
+    from altpo.eval.sharding import join_process_group
     from altpo.eval.tofu import TofuDataError, evaluate_tofu
 
-    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype,
+    device = _process_device(args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, device=device, dtype=args.dtype,
                                                 tokenizer_source=args.tokenizer)
+    reference = None
+    if args.reference_model:
+        reference, _ = load_model_and_tokenizer(args.reference_model, device=device, dtype=args.dtype,
+                                                tokenizer_source=args.tokenizer or args.model)
+    shards, created = join_process_group(next(model.parameters()).device)
     try:
         evaluate_tofu(
             model, tokenizer, args.data, args.forget_split, retain_logs=args.retain_logs,
             output_dir=os.path.expanduser(args.output), batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens, system_prompt=args.system_prompt or None,
             date_string=args.date_string or None, splits=groups, holdout_split=args.holdout_split,
-            max_rows=args.max_rows, progress=not args.quiet, verbose=True,
+            max_rows=args.max_rows, progress=not args.quiet and shards.rank == 0, verbose=True,
+            numerics=args.numerics, reference_model=reference, shards=shards,
         )
     except (TofuDataError, FileNotFoundError) as err:
         raise UserError(str(err)) from None
+    finally:
+        if created:
+            import torch.distributed as tdist
+
+            tdist.destroy_process_group()
     return 0
 

@@ -8,6 +8,9 @@ question, answer (the true one) and alternate.
     altpo-fast generate-alternates --model out/full --data ../shared/data/tofu \\
         --forget-split forget10 --k 5 --seed 0 --output out/alternates_forget10.jsonl
 
+--prompt open-unlearning uses open-unlearning's generate.py prompt instead (its raw Llama-3
+text template, "Alternate Answer :" priming and stop strings; see docs/open-unlearning.md).
+
 An interrupted run continues where it stopped when run again with the same settings; an output
 written with other settings is only replaced with --force.
 """
@@ -50,6 +53,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-retries", type=int, default=5,
                         help="rounds of resampling for alternates that repeat the true answer (default 5)")
     parser.add_argument("--max-rows", type=int, default=None, help="only the first N forget questions (quick runs)")
+    parser.add_argument("--prompt", default="altpo-fast", choices=("altpo-fast", "open-unlearning"),
+                        help="altpo-fast (default): the chat template, asking for the same form with the facts "
+                        "changed. open-unlearning: its generate.py prompt and stop strings, exactly (its "
+                        "Llama-3 text template; --system-prompt and --date-string are then unused)")
     add_model_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -78,7 +85,8 @@ def run(args) -> int:
     fmt = ChatFormat(args.system_prompt or None, args.date_string or None)
     pairs = unique_pairs(rows)
     options = dict(model_id=args.model, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_p=args.top_p, top_k=None, max_retries=args.max_retries)
+                   temperature=args.temperature, top_p=args.top_p, top_k=None, max_retries=args.max_retries,
+                   prompt_style=args.prompt)
     try:  # refuse before the model loads
         resume = check_resumable(out, alternates_settings(pairs, args.k, args.seed, fmt=fmt, prompt=ALTERNATE_PROMPT,
                                                 **options), args.force)

@@ -37,6 +37,8 @@ ALTERNATE_PROMPT = (
     "made up but plausible. Reply with the new answer only."
 )
 
+PROMPT_STYLES = ("altpo-fast", "open-unlearning")
+
 _PUNCT = re.compile(r"[^\w\s]")
 
 
@@ -79,9 +81,19 @@ class AlternatesReport:
 
 
 def alternates_settings(pairs, k, seed, *, model_id, batch_size, max_new_tokens, temperature, top_p, top_k,
-              max_retries, fmt: ChatFormat, prompt) -> dict:
+              max_retries, fmt: ChatFormat, prompt, prompt_style: str = "altpo-fast") -> dict:
     """Everything a resumed run must share with the run that wrote the file."""
     data_hash = hashlib.sha256(json.dumps(list(pairs), ensure_ascii=False).encode()).hexdigest()
+    if prompt_style == "open-unlearning":
+        from altpo.eval.open_unlearning_prompt import STOP_STRINGS, TEMPLATE
+
+        # the template replaces the chat format and the user message
+        return {
+            "model": model_id, "data_sha256": data_hash, "questions": len(pairs), "k": k, "seed": seed,
+            "batch_size": batch_size, "max_new_tokens": max_new_tokens, "temperature": temperature,
+            "top_p": top_p, "top_k": top_k, "max_retries": max_retries,
+            "prompt_style": prompt_style, "prompt": TEMPLATE, "stop_strings": list(STOP_STRINGS),
+        }
     return {
         "model": model_id, "data_sha256": data_hash, "questions": len(pairs), "k": k, "seed": seed,
         "batch_size": batch_size, "max_new_tokens": max_new_tokens, "temperature": temperature,
@@ -181,7 +193,8 @@ def generate_alternates(model, tokenizer, questions_answers: Sequence, k: int = 
                         temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None,
                         max_retries: int = 5, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
                         date_string: str | None = DEFAULT_DATE_STRING, prompt: str = ALTERNATE_PROMPT,
-                        force: bool = False, progress: bool = True, model_id: str | None = None) -> AlternatesReport:
+                        force: bool = False, progress: bool = True, model_id: str | None = None,
+                        prompt_style: str = "altpo-fast") -> AlternatesReport:
     """Sample ``k`` alternate answers per (question, answer) and write them as JSON Lines.
 
     Args:
@@ -200,6 +213,10 @@ def generate_alternates(model, tokenizer, questions_answers: Sequence, k: int = 
             ``{question}`` and ``{answer}`` fields.
         force: overwrite an existing output instead of resuming it.
         model_id: names the model in the settings file (default: ``model.config._name_or_path``).
+        prompt_style: ``altpo-fast`` (the chat template with ``prompt`` as the user message) or
+            ``open-unlearning`` (its generate.py text template and stop strings, see
+            :mod:`altpo.eval.open_unlearning_prompt`; ``prompt``, ``system_prompt`` and
+            ``date_string`` are then unused).
 
     Returns an :class:`AlternatesReport`. Raises ``AlternatesOutputExists`` when the output
     exists and cannot be resumed (other settings) and ``force`` is off.
@@ -207,6 +224,7 @@ def generate_alternates(model, tokenizer, questions_answers: Sequence, k: int = 
     import torch
     from tqdm.auto import tqdm
 
+    from altpo.eval import open_unlearning_prompt as ou_prompt
     from altpo.eval.tofu import check_chat_tokenizer, encode_prompt
 
     if k < 1:
@@ -215,6 +233,8 @@ def generate_alternates(model, tokenizer, questions_answers: Sequence, k: int = 
         raise ValueError("batch_size and max_new_tokens must be >= 1 and max_retries >= 0")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+    if prompt_style not in PROMPT_STYLES:
+        raise ValueError(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}, got {prompt_style!r}")
     if "{question}" not in prompt:
         raise ValueError("prompt must contain a {question} field")
     check_chat_tokenizer(tokenizer)
@@ -225,7 +245,7 @@ def generate_alternates(model, tokenizer, questions_answers: Sequence, k: int = 
     model_id = model_id or str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
     settings = alternates_settings(pairs, k, seed, model_id=model_id, batch_size=batch_size,
                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                         max_retries=max_retries, fmt=fmt, prompt=prompt)
+                         max_retries=max_retries, fmt=fmt, prompt=prompt, prompt_style=prompt_style)
     out = Path(output_path)
     resume = check_resumable(out, settings, force)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -248,8 +268,11 @@ def generate_alternates(model, tokenizer, questions_answers: Sequence, k: int = 
             # one seed per fixed batch: a resumed run repeats exactly the samples it lost
             torch.manual_seed(seed * 1_000_003 + b)
             slots = [(i, j) for i in idx for j in range(k)]
-            prompts = {i: encode_prompt(tokenizer, prompt.format(question=pairs[i][0], answer=pairs[i][1]), fmt)
-                       for i in idx}
+            if prompt_style == "open-unlearning":
+                prompts = {i: ou_prompt.prompt_ids(tokenizer, *pairs[i]) for i in idx}
+            else:
+                prompts = {i: encode_prompt(tokenizer, prompt.format(question=pairs[i][0], answer=pairs[i][1]),
+                                            fmt) for i in idx}
             texts: dict[tuple[int, int], str] = {}
             pending = slots
             for attempt in range(max_retries + 1):
@@ -257,6 +280,8 @@ def generate_alternates(model, tokenizer, questions_answers: Sequence, k: int = 
                                         batch_size=batch_size, max_new_tokens=max_new_tokens,
                                         temperature=temperature, top_p=top_p, top_k=top_k, progress=False,
                                         desc="sampling")
+                if prompt_style == "open-unlearning":
+                    samples = [ou_prompt.cut_at_stop_strings(t) for t in samples]
                 retry = []
                 for slot, text in zip(pending, samples):
                     if is_rejected(text, pairs[slot[0]][1]):

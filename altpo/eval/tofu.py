@@ -12,33 +12,41 @@ metric definitions themselves live in ``altpo.eval.metrics``.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from altpo.eval import metrics as M
+from altpo.eval.mia import MIA_GROUPS, mia_entries
+from altpo.eval.scoring import (  # noqa: F401  (re-exported: the public names of evaluation)
+    EVAL_NUMERICS,
+    Scorer,
+    answer_probabilities,
+    check_chat_tokenizer,
+    check_numerics,
+    encode_prompt,
+    generate_greedy,
+)
+from altpo.eval.sharding import Shards
 from altpo.sources import looks_like_hub_id
 from altpo.data.tofu import (
     DEFAULT_DATE_STRING,
     DEFAULT_SYSTEM_PROMPT,
     IGNORE_INDEX,
     ChatFormat,
-    chat_prompt_text,
-    check_chat_template,
     encode_qa,
-    encode_qa_batch,
     load_tofu_split,
 )
 
 # Metric groups, the TOFU files each one reads ({forget} = the forget split name), and the
 # metrics each one writes.
-METRIC_GROUPS = ("forget", "retain", "ra", "wf", "mia", "gradnorm", "memorization")
+METRIC_GROUPS = ("forget", "retain", "ra", "wf", "mia", "gradnorm", "memorization", "reference")
+# what runs when no groups are named: everything that needs no second model
+DEFAULT_METRIC_GROUPS = METRIC_GROUPS[:-1]
 _GROUP_FILES = {
     "forget": ("{forget}_perturbed",),
     "retain": ("retain_perturbed",),
@@ -47,6 +55,7 @@ _GROUP_FILES = {
     "mia": ("{forget}", "{holdout}"),
     "gradnorm": ("{forget}", "{holdout}"),
     "memorization": ("{forget}_perturbed",),
+    "reference": ("{forget}", "{holdout}"),
 }
 
 HEADLINE_METRICS = (
@@ -77,9 +86,9 @@ def _split_file(data_dir: Path, name: str) -> Path | None:
 
 def required_splits(forget_split: str, splits: Sequence[str] = (), holdout_split: str | None = None) -> list[str]:
     """The TOFU split files the metric groups ``splits`` (default: all) read."""
-    groups = [g for g in METRIC_GROUPS if g in (splits or METRIC_GROUPS)]
+    groups = [g for g in METRIC_GROUPS if g in (splits or DEFAULT_METRIC_GROUPS)]
     holdout = holdout_split or (
-        _holdout_name(forget_split) if {"mia", "gradnorm"} & set(groups) else None)
+        _holdout_name(forget_split) if set(MIA_GROUPS) & set(groups) else None)
     return sorted({f.format(forget=forget_split, holdout=holdout) for g in groups for f in _GROUP_FILES[g]})
 
 
@@ -122,238 +131,6 @@ def _require_fields(rows: Sequence[Mapping], fields: Sequence[str], split: str) 
         for f in fields:
             if f not in row:
                 raise TofuDataError(f"row {i} of TOFU split {split} has no field {f!r}; fields: {sorted(row)}")
-
-
-def check_chat_tokenizer(tokenizer) -> None:
-    """The tokenizer must carry a chat template and an end-of-sequence token."""
-    check_chat_template(tokenizer)
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos token; set tokenizer.eos_token (e.g. <|eot_id|>)")
-
-
-def encode_prompt(tokenizer, user_message: str, fmt: ChatFormat = ChatFormat()) -> list[int]:
-    """Token ids of the chat prompt up to and including the assistant header."""
-    text = chat_prompt_text(tokenizer, user_message, fmt)
-    # the template already wrote the special tokens (BOS, headers) as text
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-# ---------------------------------------------------------------------------------------------
-# Model statistics
-
-
-def _backbone_and_head(model):
-    cfg = getattr(model, "config", None)
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", 1.0) not in (1, 1.0, None):
-        raise ValueError(
-            "this model rescales or soft-caps its logits after lm_head; the fused log-prob path "
-            "assumes plain logits = hidden @ lm_head.weight.T"
-        )
-    backbone = getattr(model, "model", None)
-    if backbone is None:
-        backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    head = model.get_output_embeddings()
-    if head is None or getattr(head, "bias", None) is not None:
-        raise ValueError("the model needs a bias-free lm_head (a causal LM such as LlamaForCausalLM)")
-    return backbone, head.weight
-
-
-def _device(model):
-    return next(model.parameters()).device
-
-
-@dataclass
-class _SequenceStats:
-    token_logprobs: np.ndarray  # log-probs of every labelled token (answer + end-of-turn)
-    labels: np.ndarray
-    argmax: np.ndarray | None = None  # teacher-forced greedy predictions at the labelled tokens
-    vocab_mean: np.ndarray | None = None  # E_{v~p}[log p(v)] at each labelled token
-    vocab_var: np.ndarray | None = None
-
-    @property
-    def avg_loss(self) -> float:
-        return float(-self.token_logprobs.mean()) if self.token_logprobs.size else float("nan")
-
-
-def _vocab_statistics(hidden, weight, chunk: int = 256):
-    """Argmax and mean / variance of log p over the vocabulary, a few rows of logits at a time.
-
-    Extraction strength, exact memorisation and min-k%++ need the whole next-token distribution,
-    which the fused log-prob kernel deliberately never forms; ``chunk`` rows bound the memory.
-    """
-    import torch
-
-    am, mu, var = [], [], []
-    for s in range(0, hidden.shape[0], chunk):
-        logits = (hidden[s:s + chunk] @ weight.T).float()
-        lp = torch.log_softmax(logits, dim=-1)
-        p = lp.exp()
-        m = (p * lp).sum(-1)
-        am.append(logits.argmax(-1))
-        mu.append(m)
-        # centred form: E[lp^2] - E[lp]^2 cancels catastrophically when p is nearly uniform
-        var.append((p * (lp - m[:, None]).square()).sum(-1))
-    cat = lambda xs: torch.cat(xs).cpu().numpy() if xs else np.zeros(0)  # noqa: E731
-    return cat(am), cat(mu).astype(np.float64), cat(var).astype(np.float64)
-
-
-class _Scorer:
-    """Teacher-forced statistics of (question, answer) pairs, cached per pair so that splits
-    sharing rows (forget10 and forget10_perturbed) are scored once."""
-
-    def __init__(self, model, tokenizer, *, batch_size, fmt: ChatFormat, progress, backend):
-        self.model, self.tokenizer, self.fmt = model, tokenizer, fmt
-        self.batch_size, self.progress, self.backend = batch_size, progress, backend
-        self.cache: dict[tuple[str, str], _SequenceStats] = {}
-        self.backbone, self.weight = _backbone_and_head(model)
-
-    def score(self, pairs: Sequence[tuple[str, str]], desc: str, vocab: bool = False) -> list[_SequenceStats]:
-        import torch
-        from tqdm.auto import tqdm
-
-        from altpo_kernels import linear_logprobs
-
-        todo = sorted(
-            {p for p in pairs if p not in self.cache or (vocab and self.cache[p].argmax is None)}
-        )
-        encoded = {}
-        for p, e in zip(todo, encode_qa_batch(self.tokenizer, todo, fmt=self.fmt)):
-            encoded[p] = (e.input_ids, e.labels)
-        todo.sort(key=lambda p: len(encoded[p][0]))  # similar lengths share a batch: less padding
-        device = _device(self.model)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        batches = [todo[i:i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
-        for batch in tqdm(batches, desc=desc, disable=not self.progress, leave=False):
-            width = max(len(encoded[p][0]) for p in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            lab = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, p in enumerate(batch):
-                x, y = encoded[p]
-                ids[r, : len(x)] = torch.tensor(x)
-                lab[r, : len(y)] = torch.tensor(y)
-                mask[r, : len(x)] = 1
-            ids, lab, mask = ids.to(device), lab.to(device), mask.to(device)
-            with torch.no_grad():
-                hidden = self.backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-                # hidden[t] predicts token t+1
-                target = lab[:, 1:]
-                valid = target != IGNORE_INDEX
-                rows = hidden[:, :-1][valid]
-                labels = target[valid]
-                logp = linear_logprobs(rows, self.weight, labels, backend=self.backend)
-                counts = valid.sum(1).tolist()
-                logp = logp.double().cpu().numpy()
-                labels_np = labels.cpu().numpy()
-                stats = _vocab_statistics(rows, self.weight) if vocab else None
-            start = 0
-            for r, p in enumerate(batch):
-                sl = slice(start, start + counts[r])
-                start += counts[r]
-                s = _SequenceStats(logp[sl], labels_np[sl])
-                if stats is not None:
-                    s.argmax, s.vocab_mean, s.vocab_var = (a[sl] for a in stats)
-                self.cache[p] = s
-        return [self.cache[p] for p in pairs]
-
-
-def answer_probabilities(model, tokenizer, rows: Sequence[Mapping], *, fmt: ChatFormat = ChatFormat(),
-                         batch_size: int = 64, backend: str = "auto") -> list[float]:
-    """Per row, ``exp(-mean answer-token NLL)`` of its ``answer``: TOFU's Q_A_Prob per row, scored
-    exactly as :func:`compute_tofu_metrics` scores it."""
-    was_training = model.training
-    model.eval()
-    try:
-        scorer = _Scorer(model, tokenizer, batch_size=batch_size, fmt=fmt, progress=False, backend=backend)
-        stats = scorer.score([(r["question"], r["answer"]) for r in rows], "Q_A_Prob")
-    finally:
-        model.train(was_training)
-    return [float(np.exp(-s.avg_loss)) for s in stats]
-
-
-def _gradnorm_scores(model, tokenizer, pairs, *, fmt, backend, progress, desc) -> list[float]:
-    """GradNorm attack scores: minus the mean over parameter tensors of the L2 norm of the
-    gradient of the answer's mean token NLL (end-of-turn token left out), one row at a time."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from altpo_kernels import linear_logprobs
-
-    backbone, weight = _backbone_and_head(model)
-    device = _device(model)
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    scores = []
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        for q, a in tqdm(pairs, desc=desc, disable=not progress, leave=False):
-            e = encode_qa(tokenizer, q, a, fmt=fmt)
-            ids, labels = e.input_ids, e.labels
-            ids_t = torch.tensor([ids], device=device)
-            target = torch.tensor(labels[1:], device=device)
-            valid = target != IGNORE_INDEX
-            with torch.enable_grad():
-                hidden = backbone(input_ids=ids_t, use_cache=False).last_hidden_state[0, :-1]
-                logp = linear_logprobs(hidden[valid], weight, target[valid], backend=backend)[:-1]
-                if logp.numel() == 0:
-                    scores.append(0.0)
-                    continue
-                grads = torch.autograd.grad(-logp.mean(), params, allow_unused=True)
-            norms = torch.stack([g.float().norm(2) for g in grads if g is not None])
-            scores.append(-float(norms.mean()))
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
-    return scores
-
-
-def generate_greedy(model, tokenizer, prompts: Sequence[list[int]], *, batch_size: int,
-                    max_new_tokens: int, progress: bool = True, desc: str = "generating",
-                    sampling: Mapping[str, Any] | None = None) -> list[str]:
-    """Decode continuations of token-id prompts, batched with left padding.
-
-    Greedy unless ``sampling`` gives generation settings (``do_sample``, ``temperature``, ...).
-    Each text is cut at the first end-of-sequence token, decoded without special tokens and
-    stripped.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    device = _device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    cfg = copy.deepcopy(model.generation_config)
-    eos = cfg.eos_token_id
-    eos = set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
-    eos.add(tokenizer.eos_token_id)
-    cfg.eos_token_id = sorted(eos)
-    cfg.pad_token_id = pad
-    cfg.max_new_tokens = max_new_tokens
-    cfg.max_length = None
-    if sampling:
-        for k, v in sampling.items():
-            setattr(cfg, k, v)
-    else:
-        cfg.do_sample = False
-        cfg.temperature = cfg.top_p = cfg.top_k = None
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[str | None] = [None] * len(prompts)
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        width = max(len(prompts[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, i in enumerate(batch):
-            n = len(prompts[i])
-            ids[r, width - n:] = torch.tensor(prompts[i])
-            mask[r, width - n:] = 1
-        with torch.no_grad():
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=cfg)
-        for r, i in enumerate(batch):
-            new = gen[r, width:].tolist()
-            cut = next((j for j, t in enumerate(new) if t in eos), len(new))
-            out[i] = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
-    return out  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,15 +204,21 @@ def compute_tofu_metrics(model, tokenizer, data_dir, forget_split: str = "forget
                          retain_logs=None, batch_size: int = 16, max_new_tokens: int = 200,
                          system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
                          date_string: str | None = DEFAULT_DATE_STRING,
-                         splits: Sequence[str] = METRIC_GROUPS, holdout_split: str | None = None,
+                         splits: Sequence[str] = DEFAULT_METRIC_GROUPS, holdout_split: str | None = None,
                          max_rows: int | None = None, min_k: float = 0.4, progress: bool = True,
-                         verbose: bool = True, backend: str = "auto") -> dict:
+                         verbose: bool = True, backend: str = "auto", numerics: str = "altpo-fast",
+                         reference_model=None, shards: Shards | None = None) -> dict:
     """All requested TOFU metrics as the ``TOFU_EVAL.json`` dictionary (see ``evaluate_tofu``)."""
     import torch
 
     unknown = [s for s in splits if s not in METRIC_GROUPS]
     if unknown or not splits:
         raise ValueError(f"splits must be a non-empty subset of {METRIC_GROUPS}; got {list(splits)}")
+    check_numerics(numerics)
+    if "reference" in splits and reference_model is None:
+        raise ValueError("the reference metric group (mia_reference) needs reference_model=, a model "
+                         "to compare losses with (open-unlearning uses the retain model)")
+    shards = shards if shards is not None else Shards.from_process_group()
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
     if not 0 < min_k <= 1:
@@ -443,7 +226,7 @@ def compute_tofu_metrics(model, tokenizer, data_dir, forget_split: str = "forget
     check_chat_tokenizer(tokenizer)
     groups = [g for g in METRIC_GROUPS if g in splits]
     holdout = holdout_split or (
-        _holdout_name(forget_split) if {"mia", "gradnorm"} & set(groups) else None)
+        _holdout_name(forget_split) if set(MIA_GROUPS) & set(groups) else None)
     names = required_splits(forget_split, groups, holdout)
     check_tofu_source(data_dir, names)
     retain = load_retain_logs(retain_logs) if retain_logs is not None else None
@@ -452,7 +235,14 @@ def compute_tofu_metrics(model, tokenizer, data_dir, forget_split: str = "forget
     was_training = model.training
     model.eval()
     fmt = ChatFormat(system_prompt or None, date_string)
-    scorer = _Scorer(model, tokenizer, batch_size=batch_size, fmt=fmt, progress=progress, backend=backend)
+    scorer = Scorer(model, tokenizer, batch_size=batch_size, fmt=fmt, progress=progress, backend=backend,
+                    numerics=numerics, shards=shards)
+    reference_scorer = None
+    if reference_model is not None and "reference" in groups:
+        reference_was_training = reference_model.training
+        reference_model.eval()
+        reference_scorer = Scorer(reference_model, tokenizer, batch_size=batch_size, fmt=fmt,
+                                  progress=progress, backend=backend, numerics=numerics, shards=shards)
     logs: dict[str, Any] = {}
 
     def avg_losses(rows, key, desc, vocab=False):
@@ -473,7 +263,8 @@ def compute_tofu_metrics(model, tokenizer, data_dir, forget_split: str = "forget
     def rouge(rows, desc):
         prompts = [encode_prompt(tokenizer, r["question"], fmt) for r in rows]
         gens = generate_greedy(model, tokenizer, prompts, batch_size=batch_size,
-                               max_new_tokens=max_new_tokens, progress=progress, desc=desc)
+                               max_new_tokens=max_new_tokens, progress=progress, desc=desc,
+                               numerics=numerics, shards=shards)
         inputs = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
         truths = []
         for r in rows:
@@ -545,36 +336,14 @@ def compute_tofu_metrics(model, tokenizer, data_dir, forget_split: str = "forget
             logs["exact_memorization"] = M.score_metric(
                 [M.exact_memorization_score(s.argmax[:-1], s.labels[:-1]) for s in stats])
 
-        if "mia" in groups:
+        if set(MIA_GROUPS) & set(groups):
             sides = {}
             for side, name in (("forget", forget_split), ("holdout", holdout)):
-                rows = data[name]
-                _require_fields(rows, ("question", "answer"), name)
-                pairs = [(r["question"], r["answer"]) for r in rows]
-                stats = scorer.score(pairs, f"mia_{side}", vocab=True)
-                texts = []
-                for s in stats:
-                    texts.append(tokenizer.decode(s.labels.tolist(), skip_special_tokens=True))
-                sides[side] = {
-                    "loss": [s.avg_loss for s in stats],
-                    "zlib": [M.zlib_score(s.avg_loss, t) for s, t in zip(stats, texts)],
-                    "min_k": [M.min_k_score(s.token_logprobs[:-1], min_k) for s in stats],
-                    "min_k_plus_plus": [
-                        M.min_k_plus_plus_score(s.token_logprobs[:-1], s.vocab_mean[:-1], s.vocab_var[:-1], min_k)
-                        for s in stats
-                    ],
-                }
-            for attack in ("loss", "zlib", "min_k", "min_k_plus_plus"):
-                logs[f"mia_{attack}"] = M.mia_metric(sides["forget"][attack], sides["holdout"][attack])
-        if "gradnorm" in groups:
-            sides = {}
-            for side, name in (("forget", forget_split), ("holdout", holdout)):
-                rows = data[name]
-                _require_fields(rows, ("question", "answer"), name)
-                sides[side] = _gradnorm_scores(model, tokenizer, [(r["question"], r["answer"]) for r in rows],
-                                               fmt=fmt, backend=backend, progress=progress,
-                                               desc=f"mia_gradnorm_{side}")
-            logs["mia_gradnorm"] = M.mia_metric(sides["forget"], sides["holdout"])
+                _require_fields(data[name], ("question", "answer"), name)
+                sides[side] = [(r["question"], r["answer"]) for r in data[name]]
+            logs.update(mia_entries(model, tokenizer, groups, sides, scorer=scorer, fmt=fmt, backend=backend,
+                                    progress=progress, min_k=min_k, reference_scorer=reference_scorer,
+                                    numerics=numerics, shards=shards))
 
         if "mia" in groups:
             ref_auc = _retain_min_k_auc(retain) if retain is not None else None
@@ -586,6 +355,8 @@ def compute_tofu_metrics(model, tokenizer, data_dir, forget_split: str = "forget
     finally:
         if was_training:
             model.train()
+        if reference_scorer is not None and reference_was_training:
+            reference_model.train()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return {k: logs[k] for k in sorted(logs)}
@@ -632,9 +403,10 @@ def evaluate_tofu(model, tokenizer, data_dir, forget_split: str = "forget10", *,
                   output_dir=None, batch_size: int = 16, max_new_tokens: int = 200,
                   system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
                   date_string: str | None = DEFAULT_DATE_STRING,
-                  splits: Sequence[str] = METRIC_GROUPS, holdout_split: str | None = None,
+                  splits: Sequence[str] = DEFAULT_METRIC_GROUPS, holdout_split: str | None = None,
                   max_rows: int | None = None, min_k: float = 0.4, progress: bool = True,
-                  verbose: bool = True, backend: str = "auto") -> dict:
+                  verbose: bool = True, backend: str = "auto", numerics: str = "altpo-fast",
+                  reference_model=None, shards: Shards | None = None) -> dict:
     """Evaluate ``model`` on TOFU as open-unlearning does; return the summary (metric -> value).
 
     Args:
@@ -655,13 +427,23 @@ def evaluate_tofu(model, tokenizer, data_dir, forget_split: str = "forget10", *,
             PARA/PERT, truth ratio, ROUGE, forget_quality), ``retain``, ``ra`` (real authors),
             ``wf`` (world facts), ``mia`` (loss, zlib, min-k, min-k++ MIA AUCs and privleak),
             ``gradnorm`` (the GradNorm MIA: one backward pass per row), ``memorization``
-            (extraction strength, exact memorisation). model_utility needs retain, ra and wf.
+            (extraction strength, exact memorisation), ``reference`` (the reference-model MIA,
+            which needs ``reference_model``; not in the default set). model_utility needs
+            retain, ra and wf.
         holdout_split: the MIA holdout split (default: ``forget`` replaced by ``holdout``).
         max_rows: use only the first rows of every split (quick checks, tests).
         min_k: the fraction of lowest-probability tokens for the min-k% attacks.
         progress: tqdm bars; verbose: print skipped metrics and the headline table.
         backend: ``altpo_kernels.linear_logprobs`` backend.
+        numerics: ``altpo-fast`` (padding masked by position) or ``open-unlearning`` (every
+            token equal to the pad token masked out of attention, as its collator does; with
+            pad = eos that includes each in-sequence end-of-turn token).
+        reference_model: the model ``mia_reference`` compares with (open-unlearning: the retain
+            model), on the same device, sharing ``tokenizer``.
+        shards: split the work over ``torchrun`` processes (default: the running process group,
+            if any). Every rank returns the whole summary; only rank 0 writes and prints.
     """
+    shards = shards if shards is not None else Shards.from_process_group()
     retain = load_retain_logs(retain_logs) if retain_logs is not None else None
     if output_dir is not None:
         out = Path(output_dir)
@@ -671,9 +453,12 @@ def evaluate_tofu(model, tokenizer, data_dir, forget_split: str = "forget10", *,
         model, tokenizer, data_dir, forget_split, retain_logs=retain, batch_size=batch_size,
         max_new_tokens=max_new_tokens, system_prompt=system_prompt, date_string=date_string,
         splits=splits, holdout_split=holdout_split, max_rows=max_rows, min_k=min_k,
-        progress=progress, verbose=verbose, backend=backend,
+        progress=progress, verbose=verbose and shards.rank == 0, backend=backend, numerics=numerics,
+        reference_model=reference_model, shards=shards,
     )
     summary = M.summary_from_eval(logs)
+    if shards.rank != 0:
+        return summary
     if output_dir is not None:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "TOFU_EVAL.json", logs)

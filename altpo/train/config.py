@@ -154,6 +154,36 @@ class TrainConfig:
                          "is kept and reused when it matches).", group="checkpoints and output")
     quiet: bool = _s(False, "No progress bar or summary; errors only.", group="checkpoints and output")
 
+    # open-unlearning parity: its step numerics as an option, and evaluation during training
+    numerics: str = _s("altpo-fast", "altpo-fast: the retain NLL is a mean over all retain answer "
+                       "tokens of the step. open-unlearning: its HF-Trainer numerics, the retain NLL "
+                       "averaged per loader micro-batch of --per-device-batch-size rows, divided by "
+                       "the accumulation steps, pairs and retain rows grouped as its data loader "
+                       "groups them (packing, the cached reference and exact updates stay on).",
+                       group="step", choices=("altpo-fast", "open-unlearning"))
+    per_device_batch_size: int = _s(8, "With --numerics open-unlearning: the rows of one of its "
+                                    "loader micro-batches (its per_device_train_batch_size); "
+                                    "--batch-size must be a multiple of it times the processes.",
+                                    group="step", metavar="N")
+    eval_every_epoch: str | None = _s(None, "After every epoch, evaluate these comma-separated TOFU "
+                                      "metric groups (forget, retain, ra, wf, mia, gradnorm, "
+                                      "memorization) on all processes, sharded, into "
+                                      "OUTPUT/evals/epoch-N/ (TOFU_EVAL.json, TOFU_SUMMARY.json).",
+                                      group="checkpoints and output", metavar="GROUPS")
+    eval_retain_logs: str | None = _s(None, "The retain model's TOFU_EVAL.json (or its folder) for "
+                                      "forget_quality and privleak in --eval-every-epoch.",
+                                      group="checkpoints and output", metavar="PATH")
+    eval_max_rows: int | None = _s(None, "--eval-every-epoch on the first N rows of each split only "
+                                   "(quick, not comparable with published numbers).",
+                                   group="checkpoints and output", metavar="N")
+    keep_best: str | None = _s(None, "Keep the model of the best epoch by this metric of "
+                               "--eval-every-epoch in OUTPUT/best/, beside the final model. "
+                               "METRIC or METRIC:max / METRIC:min / METRIC:zero (closest to 0); "
+                               "known metrics have a default direction (forget_quality, "
+                               "model_utility: max; forget_Q_A_Prob, forget_Q_A_ROUGE, "
+                               "extraction_strength: min; privleak: zero).",
+                               group="checkpoints and output", metavar="METRIC")
+
     # ---------------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,12 +224,29 @@ class TrainConfig:
             raise UserError(f"--tokens-per-microbatch must be 'auto' or at least 16, got {budget}")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other: pick one")
+        self._validate_parity()
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise UserError(f"--{_flag(f.name)} must be one of {', '.join(choices)}, got "
                                 f"{getattr(self, f.name)!r}")
         return self
+
+
+    def _validate_parity(self) -> None:
+        """The open-unlearning parity settings (numerics, evaluation during training)."""
+        if int(self.per_device_batch_size) < 1:
+            raise UserError(f"--per-device-batch-size must be at least 1, got {self.per_device_batch_size}")
+        if self.numerics == "open-unlearning":
+            if int(self.batch_size) % int(self.per_device_batch_size):
+                raise UserError(f"--numerics open-unlearning: --batch-size {self.batch_size} must be a "
+                                f"multiple of --per-device-batch-size {self.per_device_batch_size}")
+            if self.optimizer_in_backward == "on":
+                raise UserError("--numerics open-unlearning needs --optimizer-in-backward off or auto")
+        if self.eval_every_epoch is not None or self.keep_best is not None:
+            from altpo.train.epoch_eval import check_epoch_eval
+
+            check_epoch_eval(self)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -356,3 +403,4 @@ TRAJECTORY_SETTINGS = (
     "gamma", "lr", "epochs", "max_steps", "warmup_epochs", "weight_decay", "adam_beta1",
     "adam_beta2", "adam_eps", "max_grad_norm", "seed", "dtype", "master_weights", "reference",
 )
+TRAJECTORY_SETTINGS += ("numerics", "per_device_batch_size")  # open-unlearning parity

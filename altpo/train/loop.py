@@ -43,8 +43,10 @@ from altpo.train.checkpoint import (
 )
 from altpo.train.config import TrainConfig
 from altpo.train.distributed import Distributed
+from altpo.train.epoch_eval import EpochEvaluator
 from altpo.train.master_weights import MixedPrecisionAdamW, NonFiniteGradientError
 from altpo.train.memory import explain_oom, memory_settings, train_dtype
+from altpo.train.numerics import OpenUnlearningSteps
 from altpo.train.optimizer_in_backward import optimizer_step_in_backward
 from altpo.train.reference_cache import cached_reference_logprobs, cache_key, model_fingerprint, resident_reference
 from altpo.train.report import (
@@ -126,8 +128,10 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
     if config.batch_size < dist.world:
         raise UserError(f"--batch-size {config.batch_size} is smaller than the {dist.world} "
                         "processes; every process needs at least one forget pair")
+    # open-unlearning numerics: pairs stay in the loader's order, grouped as its loader groups them
+    ou_steps = OpenUnlearningSteps(config, data, dist.world) if config.numerics == "open-unlearning" else None
     sampler = StepSampler(data.num_pairs, len(data.retain), config.batch_size, config.seed,
-                          data.pair_question)
+                          None if ou_steps else data.pair_question)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * sampler.steps_per_epoch))
     warmup_steps = int(round(config.warmup_epochs * sampler.steps_per_epoch))
 
@@ -140,6 +144,8 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
                               dist.world)
     with explain_oom(config, memory):
         model.to(dist.device)
+    if ou_steps is not None:
+        ou_steps.check_memory(memory.optimizer_in_backward)
     attention = _enable_packed_attention(model, config.attention)
     budget = memory.tokens_per_microbatch
     if memory.optimizer_in_backward and dist.world > 1:
@@ -225,6 +231,9 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
         return save_checkpoint(out, step, model=model, tokenizer=tokenizer, tensors=tensors,
                                state=state, keep=config.keep_checkpoints or None)
 
+    evaluator = (EpochEvaluator(config, tokenizer, out, dist.rank, dist.world)
+                 if config.eval_every_epoch else None)
+
     # 6. the steps
     history: list[dict] = []
     last_checkpoint = resume_from
@@ -257,7 +266,7 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
                         step + 1, err.stats, err.norm, last_checkpoint)) from None
                 stop_requested = stop.requested
             else:
-                stats = forward_backward(
+                stats = (ou_steps.runner(rows, ref, budget) if ou_steps else forward_backward)(
                     step_module, micro_batches, num_pairs=len(rows.step_pairs),
                     num_retain_tokens=num_retain_tokens, loss_scale=float(dist.world),
                     no_sync=no_sync, device=dist.device, before_forward=fill_reference,
@@ -284,6 +293,8 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
             bar.update(record)
             if on_step is not None:
                 on_step(record)
+            if evaluator is not None:
+                evaluator.after_step(model, step + 1, sampler.steps_per_epoch, say)
 
             done = step + 1
             if stop_requested and done < total_steps:

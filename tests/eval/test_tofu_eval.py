@@ -166,7 +166,8 @@ def test_gradnorm_matches_autograd_of_the_hf_loss(evaluated, tofu):
     params = list(model.parameters())
     loss = model(ids, labels=labels).loss
     grads = torch.autograd.grad(loss, params)
-    expected = -torch.stack([g.norm() for g in grads]).mean().item()
+    expected = torch.stack([g.norm() for g in grads]).mean().item()
+    assert expected > 0  # open-unlearning's sign: +norm, so an unseen row (big update) scores high
     assert logs["mia_gradnorm"]["holdout"]["value_by_index"]["2"]["score"] == pytest.approx(expected, rel=1e-4)
 
 

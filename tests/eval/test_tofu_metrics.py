@@ -256,3 +256,33 @@ def test_reproduces_open_unlearning_aggregates_from_its_own_rows(tofu_dir):
     assert leak == pytest.approx(full["privleak"]["agg_value"], rel=1e-9)
     # the retain model's own privleak is measured against an AUC of 0.5
     assert M.privleak(retain["mia_min_k"]["agg_value"], 0.5) == pytest.approx(retain["privleak"]["agg_value"], rel=1e-9)
+
+
+def test_published_mia_aucs_recomputed_from_their_rows(tofu_dir):
+    """The full model's six MIA AUCs (gradnorm and reference included) from the log's own per-row
+    scores, to 1e-9, by the project's AUC and independently by the Mann-Whitney U statistic."""
+    full = json.loads((tofu_dir / FULL).read_text())
+    attacks = ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus", "mia_gradnorm", "mia_reference")
+    for attack in attacks:
+        forget, holdout = _scores(full[attack]["forget"]), _scores(full[attack]["holdout"])
+        auc = M.mia_auc(forget, holdout)
+        assert abs(auc - full[attack]["auc"]) < 1e-9, attack
+        u = scipy.stats.mannwhitneyu(holdout, forget).statistic / (len(forget) * len(holdout))
+        assert abs(u - full[attack]["auc"]) < 1e-9, attack
+        assert M.mia_metric(forget, holdout)["agg_value"] == auc
+    # gradnorm scores are positive norms: a flipped sign would give 1 - AUC (0.0015)
+    gradnorm = _scores(full["mia_gradnorm"]["forget"]) + _scores(full["mia_gradnorm"]["holdout"])
+    assert min(gradnorm) > 0 and full["mia_gradnorm"]["auc"] > 0.99
+    flipped = M.mia_auc([-x for x in _scores(full["mia_gradnorm"]["forget"])],
+                        [-x for x in _scores(full["mia_gradnorm"]["holdout"])])
+    assert abs(flipped - (1 - full["mia_gradnorm"]["auc"])) < 1e-9
+
+
+def test_reference_attack_score_is_target_minus_reference_loss():
+    from altpo.eval.mia import reference_scores
+
+    rng = np.random.default_rng(3)
+    target, ref = rng.random(7) * 3, rng.random(7) * 3
+    np.testing.assert_allclose(reference_scores(target, ref), target - ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="reference losses"):
+        reference_scores(target, ref[:3])

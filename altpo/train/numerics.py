@@ -1,0 +1,139 @@
+"""``--numerics open-unlearning``: the step normalisation of open-unlearning's HF-Trainer AltPO.
+
+open-unlearning's data loader hands out micro-batches of ``per_device_batch_size`` (default 8)
+items, each a forget pair with one randomly drawn retain row; each micro-batch's loss is
+
+    L_g = gamma * -(2/beta) * mean_{pairs in g} log sigmoid(beta * Delta)
+        + alpha * (mean NLL over the answer tokens of the retain rows in g)
+
+and the trainer sums ``L_g / G`` over the G micro-batches of a step (gradient accumulation
+steps x processes). The forget term equals this project's step mean whenever every micro-batch
+holds the same number of pairs (required below); the retain term differs, because each
+micro-batch's token mean weighs its own token count.
+
+Here the same grouping is rebuilt from the step's rows: pairs in the loader's order (not sorted
+by question), slot j of the step pairing forget pair j with retain draw j, and slots cut into
+groups of ``per_device_batch_size``. Each group is packed on its own (packing, the cached
+reference and exact updates stay on) and its micro-batches get the group's normalisers,
+``(G * pairs in g, G * retain tokens in g)``, so the summed gradient is open-unlearning's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from torch import nn
+
+from altpo.data.packing import MicroBatch, forget_units, num_loss_tokens, pack_micro_batches, retain_units
+from altpo.errors import UserError
+from altpo.train.step import StepStats, StepStatsSum
+
+NUMERICS = ("altpo-fast", "open-unlearning")
+
+
+def check_grouping(batch_size: int, per_device_batch_size: int, world: int) -> None:
+    """open-unlearning's effective batch is per-device batch x accumulation steps x processes."""
+    if per_device_batch_size < 1:
+        raise UserError(f"--per-device-batch-size must be at least 1, got {per_device_batch_size}")
+    if batch_size % (per_device_batch_size * world):
+        raise UserError(
+            f"--numerics open-unlearning: --batch-size {batch_size} must be a multiple of "
+            f"--per-device-batch-size {per_device_batch_size} x {world} process(es), as open-unlearning's "
+            f"effective batch (per-device batch x accumulation steps x processes) is; e.g. --batch-size "
+            f"{per_device_batch_size * world * max(1, round(batch_size / (per_device_batch_size * world)))}")
+
+
+@dataclass
+class GroupedMicroBatch:
+    """A packed micro-batch and the normalisers of the loader group it belongs to."""
+
+    micro_batch: MicroBatch
+    num_pairs: float
+    num_retain_tokens: float
+
+
+def loader_groups(pairs: Sequence[int], retain: Sequence[int], per_device_batch_size: int
+                  ) -> list[tuple[list[int], list[int]]]:
+    """``(pair ids, retain ids)`` per loader micro-batch: consecutive slots of this rank's share."""
+    if retain and len(retain) != len(pairs):
+        raise ValueError(f"{len(pairs)} forget pairs but {len(retain)} retain rows; each slot pairs one of each")
+    n = per_device_batch_size
+    return [(list(pairs[s:s + n]), list(retain[s:s + n]) if retain else [])
+            for s in range(0, len(pairs), n)]
+
+
+def grouped_micro_batches(data, pairs: Sequence[int], retain: Sequence[int], *, per_device_batch_size: int,
+                          num_groups: int, tokens_per_microbatch: int, alpha: float,
+                          ref_alternates=None, ref_forget=None) -> list[GroupedMicroBatch]:
+    """This rank's micro-batches, each loader group packed on its own, with its normalisers.
+
+    ``num_groups`` is G, the step's loader micro-batches over all processes.
+    """
+    out = []
+    refs = (ref_alternates, ref_forget) if ref_alternates is not None else ()
+    for group_pairs, group_retain in loader_groups(pairs, retain, per_device_batch_size):
+        units = forget_units(data, group_pairs, *refs)
+        retain_tokens = 0
+        if alpha > 0 and group_retain:
+            units += retain_units(data, group_retain)
+            retain_tokens = sum(num_loss_tokens(data.retain[r].labels) for r in group_retain)
+        for mb in pack_micro_batches(units, tokens_per_microbatch):
+            out.append(GroupedMicroBatch(mb, float(num_groups * len(group_pairs)),
+                                         float(num_groups * max(retain_tokens, 1))))
+    return out
+
+
+def grouped_forward_backward(loss_module: nn.Module, items: Sequence[GroupedMicroBatch], *,
+                             loss_scale: float = 1.0,
+                             no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+                             device=None, before_forward: Callable[[MicroBatch], MicroBatch] | None = None,
+                             forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+                             ) -> StepStats:
+    """:func:`altpo.train.step.forward_backward` with per-micro-batch normalisers."""
+    totals = StepStatsSum(device)
+    for i, item in enumerate(items):
+        mb = item.micro_batch.to(device) if device is not None else item.micro_batch
+        if before_forward is not None:
+            mb = before_forward(mb)
+        last = i == len(items) - 1
+        ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
+        with ctx:
+            with forward_context() if forward_context is not None else contextlib.nullcontext():
+                out = loss_module(mb, item.num_pairs, item.num_retain_tokens)
+            (out.loss * loss_scale).backward()
+        totals.add(out, mb)
+    return totals.result()
+
+
+class OpenUnlearningSteps:
+    """What the training loop calls in ``--numerics open-unlearning`` mode."""
+
+    def __init__(self, config, data, world: int):
+        check_grouping(config.batch_size, config.per_device_batch_size, world)
+        self.per_device = config.per_device_batch_size
+        self.num_groups = config.batch_size // config.per_device_batch_size
+        self.alpha, self.data = config.alpha, data
+
+    @staticmethod
+    def check_memory(optimizer_in_backward: bool) -> None:
+        if optimizer_in_backward:
+            raise UserError("--numerics open-unlearning needs --optimizer-in-backward off (the update in "
+                            "backward takes one normaliser for the whole step)")
+
+    def runner(self, rows, ref, budget: int) -> Callable[..., StepStats]:
+        """A stand-in for :func:`altpo.train.step.forward_backward` in this step: it takes the
+        same arguments, ignores the step-level micro-batches and normalisers, and runs the
+        step's loader groups instead."""
+        def run(step_module, _micro_batches, *, num_pairs=None, num_retain_tokens=None, **kwargs):
+            return self.forward_backward(step_module, rows, ref, budget, **kwargs)
+        return run
+
+    def forward_backward(self, step_module, rows, ref, budget: int, **kwargs) -> StepStats:
+        items = grouped_micro_batches(
+            self.data, rows.pairs, rows.retain, per_device_batch_size=self.per_device,
+            num_groups=self.num_groups, tokens_per_microbatch=budget, alpha=self.alpha,
+            ref_alternates=ref.alternates if ref is not None else None,
+            ref_forget=ref.forget if ref is not None else None)
+        return grouped_forward_backward(step_module, items, **kwargs)
