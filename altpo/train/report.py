@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -57,10 +58,15 @@ def non_finite_message(step: int, stats: StepStats, grad_norm: float, checkpoint
     where = (f"the last good checkpoint is {checkpoint} (continue with --resume after changing "
              "what caused it)" if checkpoint else "no checkpoint was written yet (--save-every N "
              "writes them)")
-    return (f"the loss became non-finite at step {step} (loss {stats.loss}, forget part "
-            f"{stats.forget_loss}, retain part {stats.retain_loss}, gradient norm {grad_norm}); "
-            f"the update was not applied and the final model was not written; {where}. Lower "
-            "--lr, check the data, or train in fp32 weights (--dtype fp32)")
+    if math.isfinite(stats.loss):
+        what = (f"the gradient norm became non-finite at step {step} (gradient norm {grad_norm}; "
+                f"the loss {stats.loss} was finite: forget part {stats.forget_loss}, retain part "
+                f"{stats.retain_loss})")
+    else:
+        what = (f"the loss became non-finite at step {step} (loss {stats.loss}, forget part "
+                f"{stats.forget_loss}, retain part {stats.retain_loss})")
+    return (f"{what}; the update was not applied and the final model was not written; {where}. "
+            "Lower --lr, check the data, or train in fp32 weights (--dtype fp32)")
 
 
 def metrics_record(step: int, steps_per_epoch: int, lr: float, stats: StepStats, step_time: float,
