@@ -82,7 +82,8 @@ def _check(args) -> list[str]:
             raise UserError(f"--retain-logs {args.retain_logs} does not exist; pass the folder holding the "
                             "retain model's TOFU_EVAL.json, or leave it out to skip forget_quality and privleak")
         try:
-            load_retain_logs(p)
+            logs = load_retain_logs(p)
+            _check_retain_logs_split(logs, args)
         except (FileNotFoundError, ValueError) as err:
             raise UserError(f"--retain-logs: {err}") from None
     out = Path(os.path.expanduser(args.output))
@@ -92,6 +93,16 @@ def _check(args) -> list[str]:
         raise UserError(f"{out / 'TOFU_EVAL.json'} already exists; pass --overwrite to replace it or choose "
                         "another --output")
     return groups
+
+
+def _check_retain_logs_split(logs, args) -> None:
+    """Logs of another forget split are refused (local data: the split's rows are counted)."""
+    from altpo.eval.retain_logs_match import check_retain_logs_match
+    from altpo.eval.tofu import load_tofu_rows
+
+    if "forget" in [g.strip() for g in args.metrics.split(",")] and Path(os.path.expanduser(args.data)).is_dir():
+        rows = load_tofu_rows(args.data, f"{args.forget_split}_perturbed")
+        check_retain_logs_match(logs, args.forget_split, len(rows))
 
 
 def run(args) -> int:

@@ -71,6 +71,7 @@ def release(fd: int) -> None:
 def output_lock(out: Path, dist):
     """Hold the lock on ``out`` (rank 0) while the block runs; every rank fails if rank 0 cannot."""
     fd, error = None, None
+    created = not out.exists()
     if dist.rank == 0:
         try:
             fd = acquire(out)
@@ -82,4 +83,7 @@ def output_lock(out: Path, dist):
         yield
     finally:
         if fd is not None:
+            if created and [p.name for p in out.iterdir()] == [LOCK_NAME]:
+                (out / LOCK_NAME).unlink()  # a run that failed early leaves no folder behind
+                out.rmdir()
             release(fd)

@@ -78,8 +78,8 @@ def check_sources(config) -> None:
         if not looks_like_hub_id(source):
             what = ("a folder of TOFU split files" if kind == "dataset"
                     else "a save_pretrained folder")
-            raise UserError(f"{flag} {source}: not found; it is neither an existing folder nor a "
-                            f"hub id of the form owner/name. Pass {what} or a hub id")
+            raise UserError(f"{flag} {source}: folder not found, and it is not a hub id of the "
+                            f"form owner/name. Pass {what} or a hub id")
         hub.append((flag, source, kind))
     if not hub or hub_reachable(timeout=1.5):
         return
