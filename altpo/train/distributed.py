@@ -9,6 +9,7 @@ stops with that rank named instead of hanging for torch's default half hour.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -75,9 +76,14 @@ class Distributed:
                                     wait_all_ranks=True)
         except RuntimeError as probe:
             text = str(probe).splitlines()[0] if str(probe) else ""
+            found = re.search(r"Ranks? ([\d, ]+) failed", text)
+            if self.rank == 0 and found:
+                ranks = found.group(1).strip().rstrip(",")
+                return (f"{head}: rank {ranks} stalled or died (it did not answer a check within "
+                        f"{min(self.timeout_s, 30):g} s more; see its log); raise --dist-timeout if it "
+                        "was only slow")
             if self.rank == 0:
-                return (f"{head}: {text} (that process stalled or died: see its log); raise "
-                        "--dist-timeout if it was only slow")
+                return f"{head}: {text}; a process stalled or died (see the logs of the others)"
             return f"{head}; rank 0 names the stalled rank(s) in its message"
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         return f"{head} ({first}); every rank answered the check afterwards, so one was only slow"
