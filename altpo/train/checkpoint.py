@@ -150,7 +150,11 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model, tokenizer,
         raise
     if keep is not None and keep > 0:
         for _, old_ckpt in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old_ckpt, ignore_errors=True)
+            # renamed first: a kill while deleting leaves a .tmp-* folder (removed at the next
+            # start), never a half-deleted step-N
+            doomed = old_ckpt.with_name(f".tmp-prune-{old_ckpt.name}-{os.getpid()}")
+            os.rename(old_ckpt, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 
