@@ -7,11 +7,6 @@ from safetensors import safe_open
 
 from altpo.train import train
 from altpo.train.config import TrainConfig
-from altpo.train.reference_cache import (
-    ReferenceLogprobs,
-    read_reference_logprobs,
-    save_reference_logprobs,
-)
 from train_fixtures import base_settings, build_model_folder
 
 CACHE = "reference_logprobs.safetensors"
@@ -41,6 +36,8 @@ def _flip_a_bit(path, tensor_value):
 
 
 def test_each_kind_of_bad_cache_is_refused_with_its_reason(tofu_dir, model_dir, tmp_path):
+    from altpo.train.reference_cache import ReferenceLogprobs, read_reference_logprobs, save_reference_logprobs
+
     out = tmp_path / "run"
     train(TrainConfig(**base_settings(tofu_dir, model_dir, out, max_steps=1)))
     meta, forget, alternates = _stored(out / CACHE)

@@ -14,11 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 import altpo.train.checkpoint as checkpoint_module
-import altpo.train.preflight as preflight_module
 from altpo.errors import UserError
 from altpo.train import train
 from altpo.train.config import TrainConfig
-from altpo.train.output_lock import LOCK_NAME, acquire, release
 from altpo.train.report import NonFiniteLossError
 from train_fixtures import base_settings, build_model_folder
 
@@ -52,6 +50,8 @@ def _no_model_load(monkeypatch):
 
 def test_a_second_run_in_a_locked_folder_is_refused_naming_the_holder(tofu_dir, model_dir, tmp_path,
                                                                       monkeypatch):
+    from altpo.train.output_lock import LOCK_NAME, acquire, release
+
     out = tmp_path / "run"
     out.mkdir()
     fd = acquire(out)  # as a running training process holds it
@@ -66,6 +66,8 @@ def test_a_second_run_in_a_locked_folder_is_refused_naming_the_holder(tofu_dir, 
 
 
 def test_the_lock_is_released_when_the_run_ends(tofu_dir, model_dir, tmp_path):
+    from altpo.train.output_lock import acquire, release
+
     out = tmp_path / "run"
     assert train(_config(tofu_dir, model_dir, out, max_steps=1)).completed
     release(acquire(out))  # free again: the run let it go
@@ -184,6 +186,8 @@ def test_a_read_only_output_is_refused_before_the_model_loads(tofu_dir, model_di
 
 def test_too_little_disk_space_is_refused_before_the_model_loads(tofu_dir, model_dir, tmp_path,
                                                                  monkeypatch):
+    import altpo.train.preflight as preflight_module
+
     n = sum(t.numel() for t in load_file(str(model_dir / "model.safetensors")).values())
     checkpoint, final = preflight_module.space_needed(n, 4, "fp32")
     assert checkpoint == n * 12 and final == n * 4  # fp32 weights + two fp32 Adam moments
