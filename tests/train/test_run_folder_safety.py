@@ -167,7 +167,7 @@ def test_a_read_only_output_is_refused_before_the_model_loads(tofu_dir, model_di
                                                               monkeypatch):
     if os.geteuid() == 0:  # root writes into any folder it may chmod: use one the kernel owns
         out = Path("/sys/fs/altpo-no-write")
-        if not Path("/sys/fs").is_dir() or os.access("/sys/fs", os.W_OK) and out.parent.stat().st_mode & 0o200 == 0:
+        if not Path("/sys/fs").is_dir():  # sysfs refuses new folders, even to root
             pytest.skip("no read-only folder available to root")
     else:
         out = tmp_path / "ro"
