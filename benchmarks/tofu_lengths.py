@@ -51,7 +51,7 @@ def load_tokenizer(spec: str):
     else:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(spec)
+        tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
     # The project's copy of the Llama-3 layout, so a tokenizer file without a template (or with
     # an older one lacking the date line) still measures the prompt the trainer builds.
     tok.chat_template = LLAMA3_CHAT_TEMPLATE

@@ -19,6 +19,7 @@ from ._validation import (
     check_index_vector,
     check_linear_inputs,
     check_positive,
+    check_weight,
     check_range,
     check_same_device,
 )
@@ -64,14 +65,17 @@ class SegmentSumFunction(torch.autograd.Function):
 
 def _check_altpo_inputs(hidden, weight, labels, seq_ids, win_seqs, lose_seqs, retain_seqs,
                         ref_win_logps, ref_lose_logps, beta, num_pairs, num_retain_tokens,
-                        ignore_index) -> int:
+                        ignore_index, alpha=0.0, gamma=0.0) -> int:
     check_linear_inputs(hidden, weight, labels, ignore_index)
     check_index_vector("seq_ids", seq_ids, length=hidden.shape[0])
     check_index_vector("win_seqs", win_seqs, allow_empty=False)
     check_index_vector("lose_seqs", lose_seqs, length=win_seqs.shape[0])
     check_index_vector("retain_seqs", retain_seqs)
     for name, ref in (("ref_win_logps", ref_win_logps), ("ref_lose_logps", ref_lose_logps)):
-        if not isinstance(ref, torch.Tensor) or ref.shape != win_seqs.shape or not ref.is_floating_point():
+        if isinstance(ref, torch.Tensor) and not ref.is_floating_point():
+            raise ValueError(f"{name} must hold floating-point log-probs (float32), got {ref.dtype}; "
+                             f"convert with {name}.float()")
+        if not isinstance(ref, torch.Tensor) or ref.shape != win_seqs.shape:
             raise ValueError(
                 f"{name} must be a float tensor with one reference log-prob per pair "
                 f"(shape {tuple(win_seqs.shape)}), got "
@@ -87,6 +91,8 @@ def _check_altpo_inputs(hidden, weight, labels, seq_ids, win_seqs, lose_seqs, re
     check_range("lose_seqs", lose_seqs, num_seqs)
     check_range("retain_seqs", retain_seqs, num_seqs)
     check_positive("beta", beta, allow_none=False)
+    check_weight("alpha", alpha)
+    check_weight("gamma", gamma)
     check_positive("num_pairs", num_pairs)
     check_positive("num_retain_tokens", num_retain_tokens)
     return num_seqs
@@ -129,7 +135,7 @@ def altpo_loss(
     """
     num_seqs = _check_altpo_inputs(hidden, weight, labels, seq_ids, win_seqs, lose_seqs,
                                    retain_seqs, ref_win_logps, ref_lose_logps, beta, num_pairs,
-                                   num_retain_tokens, ignore_index)
+                                   num_retain_tokens, ignore_index, alpha, gamma)
     name = resolve_backend(backend, hidden.device)
     if name == "reference":
         out = altpo_loss_reference(
@@ -181,6 +187,8 @@ class AltPOLoss(nn.Module):
                  ignore_index: int = -100, backend: str = "auto"):
         super().__init__()
         check_positive("beta", beta, allow_none=False)
+        check_weight("alpha", alpha)
+        check_weight("gamma", gamma)
         self.beta, self.alpha, self.gamma = beta, alpha, gamma
         self.ignore_index, self.backend = ignore_index, backend
 

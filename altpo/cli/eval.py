@@ -107,7 +107,8 @@ def _check(args) -> list[str]:
             raise UserError(f"--retain-logs {args.retain_logs} does not exist; pass the folder holding the "
                             "retain model's TOFU_EVAL.json, or leave it out to skip forget_quality and privleak")
         try:
-            load_retain_logs(p)
+            logs = load_retain_logs(p)
+            _check_retain_logs_split(logs, args)
         except (FileNotFoundError, ValueError) as err:
             raise UserError(f"--retain-logs: {err}") from None
     out = Path(os.path.expanduser(args.output))
@@ -126,6 +127,16 @@ def _process_device(device: str) -> str:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device == "auto" and torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return device
+
+
+def _check_retain_logs_split(logs, args) -> None:
+    """Logs of another forget split are refused (local data: the split's rows are counted)."""
+    from altpo.eval.retain_logs_match import check_retain_logs_match
+    from altpo.eval.tofu import load_tofu_rows
+
+    if "forget" in [g.strip() for g in args.metrics.split(",")] and Path(os.path.expanduser(args.data)).is_dir():
+        rows = load_tofu_rows(args.data, f"{args.forget_split}_perturbed")
+        check_retain_logs_match(logs, args.forget_split, len(rows))
 
 
 def run(args) -> int:

@@ -39,9 +39,17 @@ def read_jsonl(path: str | Path, what: str) -> list[dict]:
     """Objects of a JSON Lines file (a JSON array file is accepted too); errors name the line."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as err:
         raise UserError(f"cannot read {what} {path}: {err.strerror or err}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise UserError(
+            f"{what} {path}, line {line}, is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset "
+            f"{err.start}); save the file as UTF-8"
+        ) from None
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -148,6 +156,14 @@ def load_alternates(path: str | Path, forget_rows: Sequence[dict]) -> list[list[
     by_question: dict[str, list[int]] = {}
     for index, row in enumerate(forget_rows):
         by_question.setdefault(row["question"], []).append(index)
+    for question, indices in by_question.items():
+        same = [i for i in indices if forget_rows[i]["answer"] == forget_rows[indices[0]]["answer"]]
+        if len(same) > 1:
+            raise UserError(
+                f"the forget split repeats a row (question and answer) in rows "
+                f"{', '.join(str(i + 1) for i in same)}: {question[:80]!r}; remove the repeated row "
+                "from the forget split (the alternates file is not the problem)"
+            )
 
     alternates: list[list[str]] = [[] for _ in forget_rows]
     unknown: list[str] = []

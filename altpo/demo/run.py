@@ -184,9 +184,9 @@ def _mean(xs: Sequence[float]) -> float:
 def _load_model(folder: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype="float32", trust_remote_code=False)
     model.eval()
-    return model, AutoTokenizer.from_pretrained(str(folder))
+    return model, AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
 
 
 def _read_eval(folder: Path) -> dict[str, float | None]:

@@ -286,6 +286,10 @@ def compute_tofu_metrics(model, tokenizer, data_dir, forget_split: str = "forget
             logs["forget_truth_ratio"] = M.truth_ratio_metric(para, pert, "closer_to_1_better")
             logs["forget_Q_A_ROUGE"] = rouge(rows, "forget_Q_A_ROUGE")
             ref = _retain_truth_ratios(retain) if retain is not None else None
+            if ref is not None and max_rows is None:
+                from altpo.eval.retain_logs_match import check_retain_logs_match
+
+                check_retain_logs_match(retain, forget_split, len(rows))
             if ref is None:
                 _say("forget_quality skipped: it needs the retain model's logs (--retain-logs) with "
                      "forget_truth_ratio", verbose)

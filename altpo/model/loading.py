@@ -71,11 +71,11 @@ def load_model_and_tokenizer(source: str, *, device: str = "auto", dtype: str = 
     # transformers renamed torch_dtype to dtype in 4.56
     dtype_kw = {"dtype": dt} if (major, minor) >= (4, 56) else {"torch_dtype": dt}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source or source)
-        model = AutoModelForCausalLM.from_pretrained(source, **dtype_kw)
-    except OSError as err:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source or source, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=False, **dtype_kw)
+    except Exception as err:  # missing files, pickled weights, unknown architectures, the hub
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"cannot load the model from {source}: {first}") from None
+        raise UserError(f"cannot load the model from {source} ({type(err).__name__}: {first})") from None
     model.to(dev)
     model.eval()
     return model, tokenizer
@@ -116,7 +116,7 @@ def load_tokenizer(name: str, flag: str = "--model"):
 
     source = _pretrained_source(name, flag, needs_config=False)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except Exception as err:
         raise UserError(f"could not load a tokenizer from {flag} {name} ({type(err).__name__}: "
                         f"{first_line(err)})") from None
@@ -130,7 +130,7 @@ def load_causal_lm(name: str, dtype, flag: str = "--model"):
 
     source = _pretrained_source(name, flag, needs_config=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False)
     except Exception as err:
         raise UserError(f"could not load {flag} {name} ({type(err).__name__}: "
                         f"{first_line(err)})") from None

@@ -13,16 +13,21 @@ Layout of an output folder::
         trainer_state.json                                step, epoch, schedule, settings, keys
 
 A checkpoint is written into a temporary folder beside its final name and renamed when complete,
-so an interrupted save never leaves a checkpoint that looks whole. Everything is safetensors or
-JSON; nothing is pickled.
+so an interrupted save never leaves a checkpoint that looks whole. Every file and the folder are
+fsynced before the rename and the parent folder after it, so a power loss cannot leave a renamed
+checkpoint whose files are not on disk. ``manifest.json`` (written last) records every file's size;
+:func:`checkpoint_problem` checks it, the JSON files and the safetensors headers, and resume skips a
+checkpoint that fails. Everything is safetensors or JSON; nothing is pickled.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+import struct
 from pathlib import Path
 
 import torch
@@ -31,6 +36,7 @@ from safetensors.torch import load_file, save_file
 CHECKPOINTS = "checkpoints"
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
+MANIFEST = "manifest.json"
 _NAME = re.compile(r"^step-(\d+)$")
 
 
@@ -81,11 +87,40 @@ def _save_model_folder(folder: Path, model, tokenizer) -> None:
         tokenizer.save_pretrained(str(folder))
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's or a folder's data and metadata to the disk."""
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file in ``folder`` (recursively), then the folders themselves."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fsync_path(os.path.join(root, name))
+        fsync_path(root)
+
+
+def _no_space(err: BaseException) -> bool:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)  # safetensors wraps the OS error in its own exception
+    return "No space left" in text or "os error 28" in text or "Disk quota" in text
+
+
 def save_checkpoint(output_dir: str | Path, step: int, *, model, tokenizer,
                     tensors: dict[str, torch.Tensor], state: dict, keep: int | None = None) -> Path:
-    """Write checkpoint ``step`` atomically and prune all but the newest ``keep`` ones."""
+    """Write checkpoint ``step`` atomically and durably, then prune all but the newest ``keep``."""
+    from altpo.errors import UserError
+
     final = checkpoint_dir(output_dir, step)
+    created_parent = not final.parent.exists()
     final.parent.mkdir(parents=True, exist_ok=True)
+    if created_parent:
+        fsync_path(final.parent.parent)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -93,16 +128,123 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model, tokenizer,
         _save_model_folder(tmp, model, tokenizer)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
         (tmp / STATE_JSON).write_text(json.dumps(state, indent=2, sort_keys=True))
-        if final.exists():
-            shutil.rmtree(final)
+        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": sizes}, indent=2))
+        fsync_tree(tmp)
+        old = None
+        if final.exists():  # a checkpoint of this step from a run that was rolled back
+            old = final.with_name(f".tmp-old-{final.name}-{os.getpid()}")
+            os.rename(final, old)
         os.rename(tmp, final)
-    except BaseException:
+        fsync_path(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _no_space(err):
+            raise UserError(
+                f"no space left on the disk while writing checkpoint {final.name} in {final.parent}; "
+                "the incomplete copy was removed and the newest complete checkpoint is still there. "
+                "Free space, lower --keep-checkpoints, or raise --save-every, then continue with "
+                "--resume") from None
         raise
     if keep is not None and keep > 0:
-        for _, old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        for _, old_ckpt in list_checkpoints(output_dir)[:-keep]:
+            # renamed first: a kill while deleting leaves a .tmp-* folder (removed at the next
+            # start), never a half-deleted step-N
+            doomed = old_ckpt.with_name(f".tmp-prune-{old_ckpt.name}-{os.getpid()}")
+            os.rename(old_ckpt, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
     return final
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is not whole (bad header, or shorter/longer than its header says)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{path.name} is truncated"
+        n = struct.unpack("<Q", head)[0]
+        if n > size - 8:
+            return f"{path.name} is truncated (header runs past the end)"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return f"{path.name} has a damaged header"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + n + end:
+        return f"{path.name} holds {size} bytes where its header says {8 + n + end}"
+    return None
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why checkpoint folder ``path`` cannot be resumed from, or None when it passes its check."""
+    path = Path(path)
+    try:
+        manifest_path = path / MANIFEST
+        if manifest_path.is_file():
+            listed = json.loads(manifest_path.read_text())["files"]
+            for name, size in listed.items():
+                f = path / name
+                if not f.is_file():
+                    return f"{name} is missing"
+                if f.stat().st_size != size:
+                    return f"{name} holds {f.stat().st_size} bytes, {size} were written"
+        for name in (STATE_JSON, "config.json"):
+            if not isinstance(json.loads((path / name).read_text()), dict):
+                return f"{name} is not a JSON object"
+        if "step" not in json.loads((path / STATE_JSON).read_text()):
+            return f"{STATE_JSON} has no step"
+        for f in sorted(path.glob("*.safetensors")):
+            problem = _safetensors_problem(f)
+            if problem:
+                return problem
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def usable_checkpoint(output_dir: str | Path, say=print) -> Path | None:
+    """The newest checkpoint that passes :func:`checkpoint_problem`; newer ones that fail are
+    renamed ``.broken-step-N`` (kept for inspection, never chosen again) and named."""
+    for _, path in reversed(list_checkpoints(output_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        broken = path.with_name(f".broken-{path.name}")
+        shutil.rmtree(broken, ignore_errors=True)
+        os.rename(path, broken)
+        say(f"checkpoint {path} fails its check ({problem}); skipped it (moved to {broken.name}), "
+            "using the one before")
+    return None
+
+
+def remove_stale_temporaries(output_dir: str | Path) -> list[Path]:
+    """Delete the ``.tmp-*`` folders and files that killed saves left behind; returns them.
+
+    Call only while holding the output folder's lock: no other run can be writing them.
+    """
+    output_dir = Path(output_dir)
+    found = list(output_dir.glob(".tmp-*")) + list((output_dir / CHECKPOINTS).glob(".tmp-*"))
+    found += [p for p in output_dir.glob(".*.tmp-*") if not _pid_alive(p.name.rsplit("-", 1)[-1])]
+    for p in found:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return found
+
+
+def _pid_alive(text: str) -> bool:
+    """Whether the process whose id ends a temporary file's name still runs (a shared cache)."""
+    try:
+        os.kill(int(text), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return int(text) != os.getpid()
 
 
 def load_checkpoint_state(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -153,11 +295,13 @@ def save_final_model(output_dir: str | Path, model, tokenizer) -> None:
     tmp.mkdir(parents=True)
     try:
         _save_model_folder(tmp, model, tokenizer)
+        fsync_tree(tmp)
         (output_dir / _FINAL_LAST).unlink(missing_ok=True)
         names = sorted(p.name for p in tmp.iterdir())
         for name in [n for n in names if n != _FINAL_LAST] + [_FINAL_LAST]:
             if (tmp / name).exists():
                 os.replace(tmp / name, output_dir / name)
+        fsync_path(output_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,12 @@ class TrainConfig:
                      "each process takes cuda:LOCAL_RANK).", group="reference and device",
                      metavar="DEVICE")
 
+    # robustness: how long a process waits for the others in a collective before giving up
+    dist_timeout: float = _s(600.0, "Seconds a process waits for the others in a collective "
+                             "(under torchrun) before the run stops with a message naming the "
+                             "stalled rank, instead of hanging.", group="reference and device",
+                             metavar="SECONDS")
+
     # checkpoints and output
     save_every: int = _s(0, "Write a full checkpoint (weights, optimizer, schedule, RNG, data "
                          "position) every N steps (0: only on interruption).",
@@ -207,6 +214,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and int(value) < 1:
                 raise UserError(f"--{_flag(name)} must be at least 1, got {value}")
+        for name in FLOAT_SETTINGS:
+            if not math.isfinite(float(getattr(self, name))):
+                raise UserError(f"--{_flag(name)} must be a finite number, got {getattr(self, name)}")
         for name in ("lr", "beta", "epochs"):
             if not float(getattr(self, name)) > 0:
                 raise UserError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
@@ -222,6 +232,8 @@ class TrainConfig:
         budget = self.micro_batch_tokens()
         if budget is not None and budget < 16:
             raise UserError(f"--tokens-per-microbatch must be 'auto' or at least 16, got {budget}")
+        if not float(self.dist_timeout) > 0:  # robustness: dist_timeout
+            raise UserError(f"--dist-timeout must be positive (seconds), got {self.dist_timeout}")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other: pick one")
         self._validate_parity()
@@ -250,6 +262,19 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+# robustness: every float setting must be finite (inf passes "> 0" and would train NaN weights)
+FLOAT_SETTINGS = tuple(name for name, f in FIELDS.items() if "float" in str(f.type))
+
+# robustness: names other trainers use for our settings, so a YAML key gets "did you mean"
+SETTING_ALIASES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size",
+    "warmup_ratio": "warmup_epochs", "warmup": "warmup_epochs", "max_seq_length": "max_length",
+    "model_name_or_path": "model", "model_path": "model", "output_dir": "output",
+    "alternates_file": "alternates", "save_steps": "save_every", "save_total_limit": "keep_checkpoints",
+    "max_grad_norm_clip": "max_grad_norm", "gradient_clipping": "max_grad_norm",
+}
 
 
 def _flag(name: str) -> str:
@@ -358,7 +383,8 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
             out["preset"] = str(value)
             continue
         if name not in FIELDS:
-            close = difflib.get_close_matches(name, list(FIELDS), n=1)
+            close = ([SETTING_ALIASES[name]] if name in SETTING_ALIASES
+                     else difflib.get_close_matches(name, list(FIELDS), n=1))
             hint = f" (did you mean {_flag(close[0])}?)" if close else ""
             raise UserError(f"config file {path}: unknown setting {key!r}{hint}")
         out[name] = convert_value(name, value, f"config file {path}")

@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from altpo.data.data_checks import check_answer_tokens, check_retain_overlap, duplicate_alternates_note
 from altpo.data.packing import forget_units, num_loss_tokens, pack_micro_batches, retain_units
 from altpo.data.step_sampling import StepSampler
 from altpo.data.tofu import ChatFormat, build_altpo_data, load_alternates, load_tofu_split, truncation_report
@@ -44,10 +45,14 @@ from altpo.train.checkpoint import (
 from altpo.train.config import TrainConfig
 from altpo.train.distributed import Distributed
 from altpo.train.epoch_eval import EpochEvaluator
+from altpo.train.finite_weights import check_finite_weights
+from altpo.train.input_fingerprints import check_resume_inputs, input_fingerprints
 from altpo.train.master_weights import MixedPrecisionAdamW, NonFiniteGradientError
 from altpo.train.memory import explain_oom, memory_settings, train_dtype
 from altpo.train.numerics import OpenUnlearningSteps
 from altpo.train.optimizer_in_backward import optimizer_step_in_backward
+from altpo.train.output_lock import output_lock
+from altpo.train.preflight import preflight
 from altpo.train.reference_cache import cached_reference_logprobs, cache_key, model_fingerprint, resident_reference
 from altpo.train.report import (
     NonFiniteLossError,
@@ -88,10 +93,15 @@ def train(config: TrainConfig, *, on_step: Callable[[dict], None] | None = None)
     Under ``torchrun`` (``WORLD_SIZE`` > 1) it joins the process group and trains data-parallel.
     """
     config = TrainConfig(**config.to_dict()).validate()
-    dist = Distributed.setup(config.device)
-    try:
-        with transformers_bars(enabled=not config.quiet and dist.rank == 0):
+    dist = Distributed.setup(config.device, config.dist_timeout)
+    try:  # only our bars; one run per output folder, locked for the run's lifetime
+        with transformers_bars(enabled=False), output_lock(Path(config.output).expanduser(), dist):
             return _train(config, dist, on_step)
+    except RuntimeError as err:
+        stalled = dist.stall_error(err)
+        if stalled is None:
+            raise
+        raise stalled from None
     finally:
         dist.cleanup()
 
@@ -102,20 +112,27 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
     say = Printer(quiet=config.quiet or dist.rank != 0)
     out = Path(config.output).expanduser()
 
-    # 1. the output folder: decide before any expensive work, change nothing yet
-    resume_from = check_output_folder(out, config)
+    # 1. the output folder and early checks: decide before any expensive work, change nothing yet
+    preflight(config, dist, out, say)
+    resume_from = check_output_folder(out, config, say)
 
     # 2. tokenizer and data
     tokenizer = load_tokenizer(config.tokenizer or config.model,
                                "--tokenizer" if config.tokenizer else "--model")
     fmt = ChatFormat(config.system_prompt or None, config.date_string)
     forget_rows = load_tofu_split(config.data, config.forget_split)
-    retain_rows = load_tofu_split(config.data, config.retain_split)[: config.max_retain_rows]
+    retain_rows = load_tofu_split(config.data, config.retain_split)
+    check_retain_overlap(forget_rows, retain_rows, config.forget_split, config.retain_split)
+    retain_rows = retain_rows[: config.max_retain_rows]
     # alternates are checked against the whole split, then cut with it
     alternates = load_alternates(config.alternates, forget_rows)[: config.max_forget_rows]
     forget_rows = forget_rows[: config.max_forget_rows]
     data = build_altpo_data(tokenizer, forget_rows, alternates, retain_rows, fmt=fmt,
                             max_length=config.max_length)
+    check_answer_tokens(data, config.max_length)
+    repeated = duplicate_alternates_note(alternates, config.alternates)
+    if repeated:
+        say(repeated)
     note = truncation_report(data, config.max_length)
     if note:
         say(note)
@@ -138,7 +155,11 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
     # 3. the model, and the memory settings (the planner's, on a GPU, where asked for)
     dtype = train_dtype(config.dtype, dist.device)
     model = load_causal_lm(config.model, dtype)
-    model_hash = model_fingerprint(model) if config.reference == "cached" else None
+    model_hash = model_fingerprint(model)
+    inputs = input_fingerprints(config, tokenizer, forget_rows, retain_rows, alternates, data,
+                                model_hash, dtype)
+    if resume_from is not None:
+        check_resume_inputs(resume_from, inputs, say)
     saved_mode = checkpoint_master_mode(resume_from)
     memory = memory_settings(config, model, dtype, dist.device, data, sampler, saved_mode,
                               dist.world)
@@ -218,6 +239,7 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
         trim_metrics(metrics_path, start_step)
 
     def save(step: int) -> Path | None:
+        check_finite_weights(model, step, f"checkpoint step-{step:08d}", last_checkpoint)
         if dist.rank != 0:
             return None
         state = {"step": step, "epoch": step / sampler.steps_per_epoch, "total_steps": total_steps,
@@ -225,7 +247,7 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
                  "data_position": {"epoch": step // sampler.steps_per_epoch,
                                    "step_in_epoch": step % sampler.steps_per_epoch},
                  "settings": config.to_dict(),
-                 "reference_key": ref.key if ref is not None else None,
+                 "reference_key": ref.key if ref is not None else None, "inputs": inputs,
                  "master_weights": optimizer.mode}
         tensors = {**optimizer.state_tensors(), **rng_state_tensors()}
         return save_checkpoint(out, step, model=model, tokenizer=tokenizer, tensors=tensors,
@@ -309,6 +331,8 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
     # 7. the final model
     steps_done = history[-1]["step"] if history else start_step
     completed = interrupted is None and steps_done >= total_steps
+    if completed:
+        check_finite_weights(model, steps_done, "the final model", last_checkpoint)
     if completed and dist.rank == 0:
         save_final_model(out, model, tokenizer)
     dist.barrier()

@@ -231,7 +231,7 @@ def load_model_shape(model: str) -> ModelShape:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(model)
+        config = AutoConfig.from_pretrained(model, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise PlanError(f"cannot load the config of {model!r} from the hub: {err}") from None
     return shape_from_config(config, name=model)

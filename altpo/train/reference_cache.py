@@ -55,31 +55,68 @@ def cache_key(model_hash: str, data_hash: str, dtype: torch.dtype) -> str:
     return hashlib.sha256(f"{FORMAT}|{model_hash}|{data_hash}|{dtype}".encode()).hexdigest()
 
 
-def load_reference_logprobs(path: str | Path, key: str) -> ReferenceLogprobs | None:
-    """The cached log-probs at ``path`` if the file exists and holds ``key``; else None."""
+def tensor_checksum(forget: torch.Tensor, alternates: torch.Tensor) -> str:
+    """sha256 of both tensors' dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for name, t in (("forget", forget), ("alternates", alternates)):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def read_reference_logprobs(path: str | Path, key: str,
+                            expected: tuple[int, int] | None = None) -> tuple[ReferenceLogprobs | None, str | None]:
+    """``(log-probs, None)`` when the file at ``path`` holds ``key`` and passes its checks, else
+    ``(None, why)``; ``why`` is None when there is no file. The checks: the stored checksum, one
+    float log-prob per forget question and per pair (``expected``), and only finite values."""
     path = Path(path)
     if not path.is_file():
-        return None
+        return None, None
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            if meta.get("format") != FORMAT or meta.get("key") != key:
-                return None
+            if meta.get("format") != FORMAT:
+                return None, "it is not a reference cache of this version"
+            if meta.get("key") != key:
+                return None, "it was made for another model, data, template or dtype"
             forget, alternates = f.get_tensor("forget"), f.get_tensor("alternates")
-    except Exception:  # an unreadable or truncated file is a cache miss, not an error
-        return None
-    return ReferenceLogprobs(forget, alternates, key, path, reused=True)
+    except Exception as err:
+        return None, f"it cannot be read ({type(err).__name__})"
+    if meta.get("checksum") != tensor_checksum(forget, alternates):
+        return None, ("its values do not match their checksum (the file was changed or damaged)"
+                      if meta.get("checksum") else "it has no checksum (an older version)")
+    for name, t, n in (("forget", forget, expected and expected[0]),
+                       ("alternates", alternates, expected and expected[1])):
+        if t.dim() != 1 or not t.is_floating_point() or (n is not None and t.shape[0] != n):
+            return None, (f"its {name} tensor is {t.dtype} of shape {tuple(t.shape)}, the data needs "
+                          f"{n} float log-probs")
+        if not bool(torch.isfinite(t).all()):
+            return None, f"its {name} log-probs hold NaN or infinite values"
+    return ReferenceLogprobs(forget, alternates, key, path, reused=True), None
+
+
+def load_reference_logprobs(path: str | Path, key: str,
+                            expected: tuple[int, int] | None = None) -> ReferenceLogprobs | None:
+    """The cached log-probs at ``path`` if the file holds ``key`` and passes its checks; else None."""
+    return read_reference_logprobs(path, key, expected)[0]
 
 
 def save_reference_logprobs(path: str | Path, ref: ReferenceLogprobs, extra: dict | None = None) -> None:
-    """Write atomically (temporary file, then rename), so a crash never leaves half a cache."""
+    """Write atomically and durably (temporary file, fsync, rename, fsync of the folder), so a
+    crash or power loss never leaves half a cache; the metadata holds the tensors' checksum."""
+    from altpo.train.checkpoint import fsync_path
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    meta = {"format": FORMAT, "key": ref.key, **{k: str(v) for k, v in (extra or {}).items()}}
+    meta = {"format": FORMAT, "key": ref.key, "checksum": tensor_checksum(ref.forget, ref.alternates),
+            **{k: str(v) for k, v in (extra or {}).items()}}
     save_file({"forget": ref.forget.contiguous(), "alternates": ref.alternates.contiguous()},
               str(tmp), metadata=meta)
+    fsync_path(tmp)
     os.replace(tmp, path)
+    fsync_path(path.parent)
 
 
 def compute_reference_logprobs(model, data, key: str, *, tokens_per_microbatch: int,
@@ -104,28 +141,36 @@ def cached_reference_logprobs(model, data, key, path: Path, budget, config, dist
     rank 0 with the starting weights, saved, and read back by the other ranks."""
     # rank 0 decides for everyone: a rank that looked on its own could see the file rank 0 has
     # just written and skip the barrier the others wait in
-    ref = load_reference_logprobs(path, key) if dist.rank == 0 else None
+    expected = (len(data.forget), len(data.alternates))
+    ref, why = read_reference_logprobs(path, key, expected) if dist.rank == 0 else (None, None)
     if dist.broadcast_flag(ref is not None):
         if ref is None:
-            ref = load_reference_logprobs(path, key)
+            ref = load_reference_logprobs(path, key, expected)
         if ref is None:
             raise UserError(f"reference cache {path} is not readable from rank {dist.rank}; "
                             "all processes need the same filesystem")
         say(f"reference log-probs: reusing {path}")
         return ref
     if dist.rank == 0:
+        if why:
+            say(f"reference log-probs: not reusing {path}: {why}; computing them again")
         n = len(data.forget) + len(data.alternates)
         bar = say.bar(n, "reference log-probs")
         ref = compute_reference_logprobs(model, data, key, tokens_per_microbatch=budget,
                                          loss_backend=config.loss_backend, progress=bar.update)
         bar.close()
+        for name, t in (("forget answers", ref.forget), ("alternates", ref.alternates)):
+            if not bool(torch.isfinite(t).all()):
+                raise UserError(f"the starting model's log-probs of {int((~torch.isfinite(t)).sum())} "
+                                f"{name} are NaN or infinite: --model {config.model} cannot serve "
+                                "as the reference (check its weights, or use --dtype fp32)")
         ref.path = path
         save_reference_logprobs(path, ref, {"model": config.model, "forget_split": config.forget_split,
                                             "alternates": config.alternates})
         say(f"reference log-probs: computed {n} sequences, cached in {path}")
     dist.barrier()
     if dist.rank != 0:
-        ref = load_reference_logprobs(path, key)
+        ref = load_reference_logprobs(path, key, expected)
         if ref is None:
             raise UserError(f"reference cache {path} is not readable from rank {dist.rank}; "
                             "all processes need the same filesystem")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ class TrainResult:
 
 @contextmanager
 def transformers_bars(enabled: bool):
-    """transformers' own loading/saving bars follow --quiet (and rank 0)."""
+    """transformers' own loading/saving bars on or off (training turns them off: only our bars)."""
     from transformers.utils import logging as hf_logging
 
     was = hf_logging.is_progress_bar_enabled()
@@ -57,10 +58,15 @@ def non_finite_message(step: int, stats: StepStats, grad_norm: float, checkpoint
     where = (f"the last good checkpoint is {checkpoint} (continue with --resume after changing "
              "what caused it)" if checkpoint else "no checkpoint was written yet (--save-every N "
              "writes them)")
-    return (f"the loss became non-finite at step {step} (loss {stats.loss}, forget part "
-            f"{stats.forget_loss}, retain part {stats.retain_loss}, gradient norm {grad_norm}); "
-            f"the update was not applied and the final model was not written; {where}. Lower "
-            "--lr, check the data, or train in fp32 weights (--dtype fp32)")
+    if math.isfinite(stats.loss):
+        what = (f"the gradient norm became non-finite at step {step} (gradient norm {grad_norm}; "
+                f"the loss {stats.loss} was finite: forget part {stats.forget_loss}, retain part "
+                f"{stats.retain_loss})")
+    else:
+        what = (f"the loss became non-finite at step {step} (loss {stats.loss}, forget part "
+                f"{stats.forget_loss}, retain part {stats.retain_loss})")
+    return (f"{what}; the update was not applied and the final model was not written; {where}. "
+            "Lower --lr, check the data, or train in fp32 weights (--dtype fp32)")
 
 
 def metrics_record(step: int, steps_per_epoch: int, lr: float, stats: StepStats, step_time: float,
@@ -141,8 +147,49 @@ class _StepBar:
         self.bar.close()
 
 
+class _PlainSteps:
+    """Step progress for a log file: one plain line per step, no carriage returns."""
+
+    def __init__(self, total, initial):
+        self.total, self.done = total, initial
+
+    def update(self, record):
+        self.done += 1
+        print(f"step {self.done}/{self.total}: loss {record['loss']:.4f} (forget "
+              f"{record['forget_loss']:.4f}, retain {record['retain_loss']:.4f}) "
+              f"{record['tokens_per_s'] or 0:.0f} tok/s mem {gib(record['memory_bytes'])}",
+              file=sys.stderr, flush=True)
+
+    def close(self):
+        pass
+
+
+class _PlainCount:
+    """Item progress for a log file: a line at every tenth of the work, and at the end."""
+
+    def __init__(self, total, desc):
+        self.total, self.desc, self.done, self.shown = total, desc, 0, 0
+
+    def update(self, n=1):
+        self.done += n
+        tenth = self.done * 10 // max(self.total, 1)
+        if tenth > self.shown or self.done >= self.total:
+            self.shown = tenth if self.done < self.total else 11
+            if self.done <= self.total:
+                print(f"{self.desc}: {self.done}/{self.total}", file=sys.stderr, flush=True)
+
+    def close(self):
+        pass
+
+
+def interactive() -> bool:
+    """Whether progress goes to a terminal (bars) rather than a file or pipe (plain lines)."""
+    return sys.stderr.isatty()
+
+
 class Printer:
-    """Notes and bars on rank 0 unless quiet; the summary on stdout."""
+    """Notes and bars on rank 0 unless quiet (plain lines when stderr is not a terminal); the
+    summary on stdout."""
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
@@ -154,12 +201,16 @@ class Printer:
     def bar(self, total: int, desc: str):
         if self.quiet:
             return _NullBar()
+        if not interactive():
+            return _PlainCount(total, desc)
         from tqdm.auto import tqdm
 
         return tqdm(total=total, desc=desc, unit="seq", dynamic_ncols=True)
 
     def progress(self, total: int, initial: int):
-        return _NullBar() if self.quiet else _StepBar(total, initial)
+        if self.quiet:
+            return _NullBar()
+        return _StepBar(total, initial) if interactive() else _PlainSteps(total, initial)
 
     def summary(self, result: TrainResult) -> None:
         if self.quiet:

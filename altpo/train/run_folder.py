@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 
 from altpo.errors import UserError
-from altpo.train.checkpoint import latest_checkpoint
+from altpo.train.checkpoint import list_checkpoints, usable_checkpoint
 from altpo.train.config import TRAJECTORY_SETTINGS, TrainConfig
+from altpo.train.input_fingerprints import PATH_SETTINGS
 
 REF_CACHE_NAME = "reference_logprobs.safetensors"
 
@@ -23,20 +24,30 @@ CONFIG_NAME = "train_config.json"
 SUMMARY_NAME = "train_summary.json"
 
 
-def check_output_folder(out: Path, config: TrainConfig) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run); raises when the folder is not usable."""
+def check_output_folder(out: Path, config: TrainConfig, say=print) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run); raises when the folder is not usable.
+
+    On ``--resume`` a newest checkpoint that fails its check is skipped (and named) for the one
+    before. Paths (model, data, alternates) may change between runs: their contents are compared
+    by fingerprint once loaded (:mod:`altpo.train.input_fingerprints`)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} exists and is not a folder")
     earlier_run = out.is_dir() and any(
         (out / name).exists() for name in ("config.json", "checkpoints", METRICS_NAME, CONFIG_NAME))
     if config.resume:
-        ckpt = latest_checkpoint(out)
+        had_any = bool(list_checkpoints(out))
+        ckpt = usable_checkpoint(out, say)
         if ckpt is None:
+            if had_any:
+                raise UserError(f"--resume: no checkpoint in {out}/checkpoints passes its check (see "
+                                "above); start over with --overwrite")
             raise UserError(f"--resume: no checkpoint in {out}/checkpoints; start without --resume "
                             "(checkpoints are written with --save-every N and on interruption)")
         state = json.loads((ckpt / "trainer_state.json").read_text())
         saved = state.get("settings", {})
-        changed = [k for k in TRAJECTORY_SETTINGS if k in saved and saved[k] != getattr(config, k)]
+        compared = [k for k in TRAJECTORY_SETTINGS
+                    if not (k in PATH_SETTINGS and "inputs" in state)]  # contents compared later
+        changed = [k for k in compared if k in saved and saved[k] != getattr(config, k)]
         if changed:
             detail = ", ".join(f"{k}: {saved[k]!r} -> {getattr(config, k)!r}" for k in changed[:5])
             raise UserError(f"--resume: settings differ from the checkpoint's ({detail}); resume with "
@@ -62,6 +73,12 @@ def trim_metrics(path: Path, keep_up_to: int) -> None:
     if keep_up_to == 0:
         path.unlink()
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= keep_up_to]
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line torn by a kill (or power loss) while it was appended
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= keep_up_to:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))

@@ -1,0 +1,89 @@
+"""One run per output folder: an exclusive lock held for the run's whole lifetime.
+
+``OUTPUT/.altpo-train.lock`` is locked with ``flock`` (the kernel drops the lock when the process
+ends, even by ``kill -9``, so a crash never leaves the folder locked) and holds the owner's pid and
+host. A second run into the same folder stops at once with an error that names that pid. Under
+torchrun only rank 0 takes the lock; the other ranks learn from it whether the run may go on.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+
+from altpo.errors import UserError
+
+LOCK_NAME = ".altpo-train.lock"
+
+
+def _holder(path: Path) -> str:
+    try:
+        text = path.read_text().split()
+    except OSError:
+        text = []
+    if not text:
+        return "an unknown process"
+    return f"pid {text[0]}" + (f" on host {text[1]}" if len(text) > 1 else "")
+
+
+def acquire(out: Path) -> int:
+    """Lock ``out`` (created when missing); returns the open lock file's descriptor."""
+    import fcntl
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise UserError(f"--output {out} is not writable ({err.strerror or err}); choose a folder "
+                        "you can write to") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise UserError(f"--output {out} is in use by another training run ({_holder(out / LOCK_NAME)}); "
+                        "wait for it to finish or stop it, or choose another --output") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    probe = out / f".altpo-write-test-{os.getpid()}"
+    try:  # the lock file may predate a chmod: check that new files can be made here
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        release(fd)
+        raise UserError(f"--output {out} is not writable ({err.strerror or err}); choose a folder "
+                        "you can write to") from None
+    return fd
+
+
+def release(fd: int) -> None:
+    import fcntl
+
+    try:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def output_lock(out: Path, dist):
+    """Hold the lock on ``out`` (rank 0) while the block runs; every rank fails if rank 0 cannot."""
+    fd, error = None, None
+    created = not out.exists()
+    if dist.rank == 0:
+        try:
+            fd = acquire(out)
+        except UserError as err:
+            error = err
+    if not dist.broadcast_flag(error is None):
+        raise error or UserError(f"--output {out}: rank 0 could not lock the folder (see its message)")
+    try:
+        yield
+    finally:
+        if fd is not None:
+            if created and [p.name for p in out.iterdir()] == [LOCK_NAME]:
+                (out / LOCK_NAME).unlink()  # a run that failed early leaves no folder behind
+                out.rmdir()
+            release(fd)

@@ -1,0 +1,43 @@
+"""Bad AltPO hyper-parameters and integer reference log-probs are refused with a message that
+names the argument (not its shape), before any work, by the function and the nn.Module form."""
+
+import math
+
+import pytest
+import torch
+
+from altpo_kernels import AltPOLoss, altpo_loss
+from kernel_cases import random_packed_batch
+
+FIELDS = ("hidden", "weight", "labels", "seq_ids", "win_seqs", "lose_seqs", "retain_seqs",
+          "ref_win_logps", "ref_lose_logps")
+
+
+@pytest.fixture
+def batch():
+    return random_packed_batch([5, 7, 6, 8], 3, 12, 30, torch.float32, "cpu", 3)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("beta", math.nan), ("beta", math.inf), ("beta", 0.0),
+    ("alpha", math.nan), ("alpha", math.inf), ("alpha", -1.0),
+    ("gamma", math.nan), ("gamma", -0.5),
+])
+def test_bad_hyperparameters_are_named(batch, name, value):
+    with pytest.raises(ValueError, match=f"^{name} must be a finite"):
+        altpo_loss(*[batch[k] for k in FIELDS], backend="torch", **{name: value})
+    with pytest.raises(ValueError, match=f"^{name} must be a finite"):
+        AltPOLoss(backend="torch", **{name: value})
+
+
+@pytest.mark.parametrize("which", ["ref_win_logps", "ref_lose_logps"])
+def test_integer_reference_logprobs_blame_the_dtype(batch, which):
+    bad = {**batch, which: batch[which].round().long()}
+    with pytest.raises(ValueError, match=f"{which} must hold floating-point log-probs.*int64"):
+        altpo_loss(*[bad[k] for k in FIELDS], backend="torch")
+
+
+def test_zero_alpha_is_allowed_and_matches_forget_only(batch):
+    out = altpo_loss(*[batch[k] for k in FIELDS], backend="torch", alpha=0.0)
+    assert torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss, out.forget_loss)
