@@ -37,7 +37,7 @@ from altpo.train.config import (
 )
 
 _GROUP_TITLES = ("model and data", "step", "optimisation", "reference and device",
-                 "checkpoints and output")
+                 "scale-out", "checkpoints and output")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -46,6 +46,7 @@ from altpo.train.distributed import Distributed
 from altpo.train.master_weights import MixedPrecisionAdamW, NonFiniteGradientError
 from altpo.train.memory import explain_oom, memory_settings, train_dtype
 from altpo.train.optimizer_in_backward import optimizer_step_in_backward
+from altpo.train.parallel import ScaleOut
 from altpo.train.reference_cache import cached_reference_logprobs, cache_key, model_fingerprint, resident_reference
 from altpo.train.report import (
     NonFiniteLossError,
@@ -136,8 +137,9 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
     model = load_causal_lm(config.model, dtype)
     model_hash = model_fingerprint(model) if config.reference == "cached" else None
     saved_mode = checkpoint_master_mode(resume_from)
+    scale = ScaleOut.choose(config, model, dtype, dist)  # ddp or fsdp, LoRA, optimizer offload
     memory = memory_settings(config, model, dtype, dist.device, data, sampler, saved_mode,
-                              dist.world)
+                              dist.world, **scale.plan_options())
     with explain_oom(config, memory):
         model.to(dist.device)
     attention = _enable_packed_attention(model, config.attention)
@@ -164,20 +166,27 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
     ref, ref_model = None, None
     ref_path = Path(config.ref_cache).expanduser() if config.ref_cache else out / REF_CACHE_NAME
     with explain_oom(config, memory):
-        if config.reference == "cached":
+        if config.reference == "cached" and scale.fsdp:
+            key = cache_key(model_hash, data.reference_fingerprint(), dtype)
+            loss_module = scale.build(model, config, dist)  # sharded; the reference is the base model
+            ref = scale.reference(data, key, ref_path, budget, config, dist, say)
+        elif config.reference == "cached":
             key = cache_key(model_hash, data.reference_fingerprint(), dtype)
             ref = cached_reference_logprobs(model, data, key, ref_path, budget, config, dist, say)
         else:
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
 
     # 5. optimizer, schedule, resume
-    if resume_from is not None:
+    if not scale.fsdp:
+        loss_module = scale.build(model, config, dist)  # LoRA adapters go in after the reference
+    if resume_from is not None and not scale.fsdp:
         load_model_weights(model, resume_from)
-    optimizer = MixedPrecisionAdamW(
-        model.named_parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_eps, weight_decay=config.weight_decay, master_weights=memory.master_weights)
+    optimizer = scale.optimizer(model, config, memory)
     start_step = 0
-    if resume_from is not None:
+    if resume_from is not None and scale.fsdp:
+        start_step = int(scale.load_checkpoint(resume_from, model, optimizer)["step"])
+        say(f"resuming from {resume_from} (step {start_step} of {total_steps})")
+    elif resume_from is not None:
         state, tensors = load_checkpoint_state(resume_from)
         optimizer.load_state_tensors({k: v for k, v in tensors.items() if not k.startswith("rng.")})
         restore_rng_state(tensors)
@@ -191,10 +200,8 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
         return config.lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     model.train()
-    loss_module = PackedAltPOLoss(model, beta=config.beta, alpha=config.alpha, gamma=config.gamma,
-                                  loss_backend=config.loss_backend)
-    step_module, no_sync = loss_module, None
-    if dist.world > 1:
+    step_module, no_sync = scale.step_module or loss_module, None
+    if dist.world > 1 and not scale.fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         step_module = DistributedDataParallel(
@@ -212,7 +219,7 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
         trim_metrics(metrics_path, start_step)
 
     def save(step: int) -> Path | None:
-        if dist.rank != 0:
+        if dist.rank != 0 and not scale.fsdp:
             return None
         state = {"step": step, "epoch": step / sampler.steps_per_epoch, "total_steps": total_steps,
                  "warmup_steps": warmup_steps, "lr_next": lr_at(step),
@@ -221,6 +228,9 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
                  "settings": config.to_dict(),
                  "reference_key": ref.key if ref is not None else None,
                  "master_weights": optimizer.mode}
+        if scale.fsdp:
+            return scale.save_checkpoint(out, step, model, tokenizer, optimizer, state,
+                                         config.keep_checkpoints or None, dist)
         tensors = {**optimizer.state_tensors(), **rng_state_tensors()}
         return save_checkpoint(out, step, model=model, tokenizer=tokenizer, tensors=tensors,
                                state=state, keep=config.keep_checkpoints or None)
@@ -298,8 +308,8 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
     # 7. the final model
     steps_done = history[-1]["step"] if history else start_step
     completed = interrupted is None and steps_done >= total_steps
-    if completed and dist.rank == 0:
-        save_final_model(out, model, tokenizer)
+    if completed:
+        scale.save_final(out, model, tokenizer, config, dist)
     dist.barrier()
     result = TrainResult(
         output_dir=out, steps_done=steps_done, total_steps=total_steps, completed=completed,
