@@ -62,7 +62,7 @@ def memory_settings(config: TrainConfig, model, dtype, device, data, sampler,
         master = saved_master_mode
     checkpointing = _CHECKPOINTING.get(config.gradient_checkpointing, "auto")
     in_backward = {"on": True, "off": False}.get(config.optimizer_in_backward, "auto")
-    if in_backward == "auto" and (world > 1 or parallel == "fsdp" or offload):
+    if in_backward == "auto" and (world > 1 or parallel == "fsdp" or offload or lora):
         in_backward = False  # the update in backward is single-process (see optimizer_in_backward)
     wants_plan = "auto" in (checkpointing, master, in_backward) or fixed_tokens is None
     plan = None

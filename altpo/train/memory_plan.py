@@ -483,10 +483,11 @@ def plan_memory(
     _check_choice("weight_dtype", weight_dtype, tuple(DTYPE_BYTES))
     check_scale_options(gpus, parallel, lora_rank, lora_targets, optimizer_offload, offload_update)
     lora_targets = tuple(lora_targets)
-    if (gpus > 1 or parallel == "fsdp" or optimizer_offload != "none") and optimizer_in_backward is True:
-        raise PlanError("the optimizer step in backward is single-GPU, without FSDP or offloaded "
-                        "states; plan with --optimizer-in-backward off")
-    if gpus > 1 or parallel == "fsdp" or optimizer_offload != "none":
+    scaled = gpus > 1 or parallel == "fsdp" or optimizer_offload != "none" or lora_rank > 0
+    if scaled and optimizer_in_backward is True:
+        raise PlanError("the optimizer step in backward is single-GPU full-parameter training, "
+                        "without FSDP, LoRA or offloaded states; plan with --optimizer-in-backward off")
+    if scaled:
         optimizer_in_backward = False
     if int(max_seq_len) <= 0 or int(tokens_per_step) <= 0:
         raise PlanError("max_seq_len and tokens_per_step must be positive")

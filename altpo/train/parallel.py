@@ -36,6 +36,9 @@ class ScaleOut:
         if config.optimizer_offload == "cpu" and config.optimizer_in_backward == "on":
             raise UserError("--optimizer-offload cpu and --optimizer-in-backward on do not combine: "
                             "the offloaded update runs once per step after backward; pick one")
+        if config.lora_rank and config.optimizer_in_backward == "on":
+            raise UserError("--optimizer-in-backward on is for full-parameter training; with "
+                            "--lora-rank the adapters' gradients are small: use --optimizer-in-backward off")
         if parallel == "fsdp" and config.optimizer_in_backward == "on":
             raise UserError("--optimizer-in-backward on does not work with --parallel fsdp (FSDP "
                             "reduce-scatters gradients itself); use --optimizer-in-backward off")

@@ -1,4 +1,4 @@
-"""AdamW with host-memory states (both update placements) against the device optimizer.
+"""AdamW with host-memory states (both update placements) against the on-device optimizer.
 
 Random bf16 and fp32 parameters of odd shapes (one larger than a chunk), random gradients, three
 steps with clipping: the offloaded optimizer must give the weights MixedPrecisionAdamW gives in
@@ -7,9 +7,13 @@ fp32-master mode (bf16) and torch's AdamW gives (fp32), and its state must round
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from altpo.train import train
+from altpo.train.config import TrainConfig
 from altpo.train.master_weights import MixedPrecisionAdamW, NonFiniteGradientError
 from altpo.train.optimizer_offload import OffloadedAdamW
+from train_fixtures import base_settings, build_model_folder
 
 SHAPES = [(37, 13), (5,), (3, 7, 11)]
 CHUNK = 97  # smaller than the first parameter: several chunks per tensor
@@ -103,16 +107,12 @@ def test_non_finite_gradient_changes_nothing():
     assert all(p.grad is None for p in params)
 
 
-@pytest.mark.parametrize("update", ["cpu", "stream"])
-def test_training_with_offloaded_states_matches_on_device_states(tofu_dir, tmp_path, update):
-    from altpo.train import train
-    from altpo.train.config import TrainConfig
-    from safetensors.torch import load_file
-    from train_fixtures import base_settings, build_model_folder
-
+@pytest.mark.parametrize("update,parallel", [("cpu", "ddp"), ("stream", "ddp"), ("cpu", "fsdp")])
+def test_training_with_offloaded_states_matches_on_device_states(tofu_dir, tmp_path, update, parallel):
     model_dir = build_model_folder(tofu_dir, tmp_path / "model")
     runs = {}
-    for name, extra in (("device", {}), ("host", {"optimizer_offload": "cpu", "offload_update": update})):
+    for name, extra in (("device", {}), ("host", {"optimizer_offload": "cpu", "offload_update": update,
+                                                      "parallel": parallel})):
         out = tmp_path / name
         assert train(TrainConfig(**base_settings(tofu_dir, model_dir, out, max_steps=2, **extra))).completed
         runs[name] = load_file(str(out / "model.safetensors"))
