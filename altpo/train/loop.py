@@ -13,7 +13,9 @@ Read top to bottom, it is the whole run:
 7. save the final ``save_pretrained`` folder.
 
 Several processes: launch the same command with ``torchrun --nproc-per-node N``; each rank takes
-its share of every step (DistributedDataParallel, gloo on CPU, nccl on CUDA).
+its share of every step (DistributedDataParallel, gloo on CPU, nccl on CUDA; or, with
+``--parallel fsdp``, FSDP2 sharding: ``altpo.train.fsdp``). LoRA and optimizer states in host
+memory: ``altpo.train.parallel``.
 """
 
 from __future__ import annotations
@@ -39,11 +41,10 @@ from altpo.train.checkpoint import (
     restore_rng_state,
     rng_state_tensors,
     save_checkpoint,
-    save_final_model,
 )
 from altpo.train.config import TrainConfig
 from altpo.train.distributed import Distributed
-from altpo.train.master_weights import MixedPrecisionAdamW, NonFiniteGradientError
+from altpo.train.master_weights import NonFiniteGradientError
 from altpo.train.memory import explain_oom, memory_settings, train_dtype
 from altpo.train.optimizer_in_backward import optimizer_step_in_backward
 from altpo.train.parallel import ScaleOut
@@ -69,7 +70,7 @@ from altpo.train.run_folder import (
     trim_metrics,
 )
 from altpo.train.signals import stop_signals
-from altpo.train.step import PackedAltPOLoss, forward_backward
+from altpo.train.step import forward_backward
 
 __all__ = ["train", "TrainResult", "NonFiniteLossError"]
 

@@ -78,6 +78,9 @@ class MixedPrecisionAdamW:
     norm, updates the weights, and clears the gradients. :meth:`state_tensors` and
     :meth:`load_state_tensors` round-trip the whole optimizer state as named tensors (for
     safetensors checkpoints), one tensor per parameter whatever the chunking.
+
+    ``norm_reduce`` (for parameters that are shards, under FSDP) maps this process's squared
+    gradient norm to the sum over all processes, so clipping uses the global norm.
     """
 
     def __init__(self, named_parameters: Iterable[tuple[str, torch.nn.Parameter]], *, lr: float,
