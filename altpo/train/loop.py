@@ -142,7 +142,8 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
     memory = memory_settings(config, model, dtype, dist.device, data, sampler, saved_mode,
                               dist.world, **scale.plan_options())
     with explain_oom(config, memory):
-        model.to(dist.device)
+        if not scale.fsdp:  # fully_shard moves each process's shards to its device itself
+            model.to(dist.device)
     attention = _enable_packed_attention(model, config.attention)
     budget = memory.tokens_per_microbatch
     if memory.optimizer_in_backward and dist.world > 1:
