@@ -9,7 +9,8 @@ Guide: docs/training.md.
 
 Settings come from, lowest precedence first: the defaults shown below, --preset, --config
 FILE.yaml (any setting, written as `setting_name: value`), and the flags on the command line.
-Several processes: `torchrun --nproc-per-node N -m altpo.cli train ...` (data parallel).
+Several processes: `torchrun --nproc-per-node N -m altpo.cli train ...` (data parallel; add
+--parallel fsdp to shard the model over them). Large models: --lora-rank R, --optimizer-offload cpu.
 
 examples:
   altpo-fast train --preset tofu-llama-3.2-1b-forget10 --alternates alt.jsonl --output run1
@@ -37,7 +38,7 @@ from altpo.train.config import (
 )
 
 _GROUP_TITLES = ("model and data", "step", "optimisation", "reference and device",
-                 "checkpoints and output")
+                 "scale-out", "checkpoints and output")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -146,6 +146,31 @@ class TrainConfig:
                              "(under torchrun) before the run stops with a message naming the "
                              "stalled rank, instead of hanging.", group="reference and device",
                              metavar="SECONDS")
+    # several GPUs, large models: FSDP, LoRA, optimizer states on the CPU
+    parallel: str = _s("auto", "Several processes (torchrun): ddp (a whole model per process, "
+                       "gradients all-reduced), fsdp (torch FSDP2: parameters, gradients and "
+                       "optimizer states sharded over the processes, one fully_shard per decoder "
+                       "layer; checkpoints through torch.distributed.checkpoint), auto (fsdp when "
+                       "the memory planner says the model does not fit one GPU with ddp; else ddp).",
+                       group="scale-out", choices=("auto", "ddp", "fsdp"))
+    lora_rank: int = _s(0, "Train LoRA adapters of this rank (through peft) instead of every "
+                        "weight (0: full-parameter training). The reference is the base model.",
+                        group="scale-out", metavar="R")
+    lora_alpha: float = _s(0.0, "LoRA scaling alpha (0: twice the rank).", group="scale-out")
+    lora_targets: str = _s("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                           "Comma-separated module names that get LoRA adapters.",
+                           group="scale-out", metavar="NAMES")
+    merge: bool = _s(False, "With --lora-rank: also write the merged model (base + adapters) as "
+                     "the save_pretrained folder in --output (the adapter is in OUTPUT/adapter).",
+                     group="scale-out")
+    optimizer_offload: str = _s("none", "cpu: keep AdamW moments and fp32 master weights in "
+                                "(pinned) host memory instead of on the GPU; none: on the device.",
+                                group="scale-out", choices=("none", "cpu"))
+    offload_update: str = _s("cpu", "With --optimizer-offload cpu: where the update runs. cpu "
+                             "(gradients go to the host, the host updates, the new weights come "
+                             "back), stream (the states come to the GPU chunk by chunk, are "
+                             "updated there and go back).", group="scale-out",
+                             choices=("cpu", "stream"))
 
     # checkpoints and output
     save_every: int = _s(0, "Write a full checkpoint (weights, optimizer, schedule, RNG, data "
@@ -234,6 +259,15 @@ class TrainConfig:
             raise UserError(f"--tokens-per-microbatch must be 'auto' or at least 16, got {budget}")
         if not float(self.dist_timeout) > 0:  # robustness: dist_timeout
             raise UserError(f"--dist-timeout must be positive (seconds), got {self.dist_timeout}")
+        if int(self.lora_rank) < 0 or float(self.lora_alpha) < 0:
+            raise UserError("--lora-rank and --lora-alpha must not be negative")
+        if self.merge and not int(self.lora_rank):
+            raise UserError("--merge merges LoRA adapters: it needs --lora-rank R")
+        if int(self.lora_rank) and not [t for t in str(self.lora_targets).split(",") if t.strip()]:
+            raise UserError("--lora-targets is empty: name the modules that get adapters, e.g. q_proj,v_proj")
+        if self.parallel == "fsdp" and self.reference == "resident":
+            raise UserError("--reference resident keeps a whole copy of the model on every process, "
+                            "which --parallel fsdp exists to avoid; use --reference cached")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other: pick one")
         self._validate_parity()
@@ -428,5 +462,6 @@ TRAJECTORY_SETTINGS = (
     "max_retain_rows", "system_prompt", "date_string", "max_length", "batch_size", "beta", "alpha",
     "gamma", "lr", "epochs", "max_steps", "warmup_epochs", "weight_decay", "adam_beta1",
     "adam_beta2", "adam_eps", "max_grad_norm", "seed", "dtype", "master_weights", "reference",
+    "lora_rank", "lora_alpha", "lora_targets",
 )
 TRAJECTORY_SETTINGS += ("numerics", "per_device_batch_size")  # open-unlearning parity

@@ -13,7 +13,9 @@ Read top to bottom, it is the whole run:
 7. save the final ``save_pretrained`` folder.
 
 Several processes: launch the same command with ``torchrun --nproc-per-node N``; each rank takes
-its share of every step (DistributedDataParallel, gloo on CPU, nccl on CUDA).
+its share of every step (DistributedDataParallel, gloo on CPU, nccl on CUDA; or, with
+``--parallel fsdp``, FSDP2 sharding: ``altpo.train.fsdp``). LoRA and optimizer states in host
+memory: ``altpo.train.parallel``.
 """
 
 from __future__ import annotations
@@ -40,18 +42,18 @@ from altpo.train.checkpoint import (
     restore_rng_state,
     rng_state_tensors,
     save_checkpoint,
-    save_final_model,
 )
 from altpo.train.config import TrainConfig
 from altpo.train.distributed import Distributed
 from altpo.train.epoch_eval import EpochEvaluator
 from altpo.train.finite_weights import check_finite_weights
 from altpo.train.input_fingerprints import check_resume_inputs, input_fingerprints
-from altpo.train.master_weights import MixedPrecisionAdamW, NonFiniteGradientError
+from altpo.train.master_weights import NonFiniteGradientError
 from altpo.train.memory import explain_oom, memory_settings, train_dtype
 from altpo.train.numerics import OpenUnlearningSteps
 from altpo.train.optimizer_in_backward import optimizer_step_in_backward
 from altpo.train.output_lock import output_lock
+from altpo.train.parallel import ScaleOut
 from altpo.train.preflight import preflight
 from altpo.train.reference_cache import cached_reference_logprobs, cache_key, model_fingerprint, resident_reference
 from altpo.train.report import (
@@ -75,7 +77,7 @@ from altpo.train.run_folder import (
     trim_metrics,
 )
 from altpo.train.signals import stop_signals
-from altpo.train.step import PackedAltPOLoss, forward_backward
+from altpo.train.step import forward_backward
 
 __all__ = ["train", "TrainResult", "NonFiniteLossError"]
 
@@ -161,10 +163,12 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
     if resume_from is not None:
         check_resume_inputs(resume_from, inputs, say)
     saved_mode = checkpoint_master_mode(resume_from)
+    scale = ScaleOut.choose(config, model, dtype, dist)  # ddp or fsdp, LoRA, optimizer offload
     memory = memory_settings(config, model, dtype, dist.device, data, sampler, saved_mode,
-                              dist.world)
+                              dist.world, **scale.plan_options())
     with explain_oom(config, memory):
-        model.to(dist.device)
+        if not scale.fsdp:  # fully_shard moves each process's shards to its device itself
+            model.to(dist.device)
     if ou_steps is not None:
         ou_steps.check_memory(memory.optimizer_in_backward)
     attention = _enable_packed_attention(model, config.attention)
@@ -191,20 +195,27 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
     ref, ref_model = None, None
     ref_path = Path(config.ref_cache).expanduser() if config.ref_cache else out / REF_CACHE_NAME
     with explain_oom(config, memory):
-        if config.reference == "cached":
+        if config.reference == "cached" and scale.fsdp:
+            key = cache_key(model_hash, data.reference_fingerprint(), dtype)
+            loss_module = scale.build(model, config, dist)  # sharded; the reference is the base model
+            ref = scale.reference(data, key, ref_path, budget, config, dist, say)
+        elif config.reference == "cached":
             key = cache_key(model_hash, data.reference_fingerprint(), dtype)
             ref = cached_reference_logprobs(model, data, key, ref_path, budget, config, dist, say)
         else:
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
 
     # 5. optimizer, schedule, resume
-    if resume_from is not None:
+    if not scale.fsdp:
+        loss_module = scale.build(model, config, dist)  # LoRA adapters go in after the reference
+    if resume_from is not None and not scale.fsdp:
         load_model_weights(model, resume_from)
-    optimizer = MixedPrecisionAdamW(
-        model.named_parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_eps, weight_decay=config.weight_decay, master_weights=memory.master_weights)
+    optimizer = scale.optimizer(model, config, memory)
     start_step = 0
-    if resume_from is not None:
+    if resume_from is not None and scale.fsdp:
+        start_step = int(scale.load_checkpoint(resume_from, model, optimizer)["step"])
+        say(f"resuming from {resume_from} (step {start_step} of {total_steps})")
+    elif resume_from is not None:
         state, tensors = load_checkpoint_state(resume_from)
         optimizer.load_state_tensors({k: v for k, v in tensors.items() if not k.startswith("rng.")})
         restore_rng_state(tensors)
@@ -218,10 +229,8 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
         return config.lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     model.train()
-    loss_module = PackedAltPOLoss(model, beta=config.beta, alpha=config.alpha, gamma=config.gamma,
-                                  loss_backend=config.loss_backend)
-    step_module, no_sync = loss_module, None
-    if dist.world > 1:
+    step_module, no_sync = scale.step_module or loss_module, None
+    if dist.world > 1 and not scale.fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         step_module = DistributedDataParallel(
@@ -240,7 +249,7 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
 
     def save(step: int) -> Path | None:
         check_finite_weights(model, step, f"checkpoint step-{step:08d}", last_checkpoint)
-        if dist.rank != 0:
+        if dist.rank != 0 and not scale.fsdp:
             return None
         state = {"step": step, "epoch": step / sampler.steps_per_epoch, "total_steps": total_steps,
                  "warmup_steps": warmup_steps, "lr_next": lr_at(step),
@@ -249,6 +258,9 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
                  "settings": config.to_dict(),
                  "reference_key": ref.key if ref is not None else None, "inputs": inputs,
                  "master_weights": optimizer.mode}
+        if scale.fsdp:
+            return scale.save_checkpoint(out, step, model, tokenizer, optimizer, state,
+                                         config.keep_checkpoints or None, dist)
         tensors = {**optimizer.state_tensors(), **rng_state_tensors()}
         return save_checkpoint(out, step, model=model, tokenizer=tokenizer, tensors=tensors,
                                state=state, keep=config.keep_checkpoints or None)
@@ -333,8 +345,7 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
     completed = interrupted is None and steps_done >= total_steps
     if completed:
         check_finite_weights(model, steps_done, "the final model", last_checkpoint)
-    if completed and dist.rank == 0:
-        save_final_model(out, model, tokenizer)
+        scale.save_final(out, model, tokenizer, config, dist)
     dist.barrier()
     result = TrainResult(
         output_dir=out, steps_done=steps_done, total_steps=total_steps, completed=completed,

@@ -78,12 +78,15 @@ class MixedPrecisionAdamW:
     norm, updates the weights, and clears the gradients. :meth:`state_tensors` and
     :meth:`load_state_tensors` round-trip the whole optimizer state as named tensors (for
     safetensors checkpoints), one tensor per parameter whatever the chunking.
+
+    ``norm_reduce`` (for parameters that are shards, under FSDP) maps this process's squared
+    gradient norm to the sum over all processes, so clipping uses the global norm.
     """
 
     def __init__(self, named_parameters: Iterable[tuple[str, torch.nn.Parameter]], *, lr: float,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01, master_weights: str = "fp32", fused: bool | None = None,
-                 chunk_numel: int = OPTIMIZER_CHUNK_NUMEL):
+                 chunk_numel: int = OPTIMIZER_CHUNK_NUMEL, norm_reduce=None):
         if master_weights not in MASTER_WEIGHT_MODES:
             raise ValueError(f"master_weights must be one of {', '.join(MASTER_WEIGHT_MODES)}, got {master_weights!r}")
         named = [(n, p) for n, p in named_parameters if p.requires_grad]
@@ -94,6 +97,8 @@ class MixedPrecisionAdamW:
         self.decay = [p.dim() >= 2 for p in self.params]
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.chunk_numel = int(chunk_numel)
+        # sharded parameters (FSDP): turns this process's squared norm into the global one
+        self.norm_reduce = norm_reduce
         self.spans = [_spans(p.numel(), self.chunk_numel) for p in self.params]
         low_precision = any(p.dtype in (torch.bfloat16, torch.float16) for p in self.params)
         self.mode = master_weights if low_precision else "none"
@@ -145,6 +150,8 @@ class MixedPrecisionAdamW:
             missing = [n for n, p in zip(self.names, self.params) if p.grad is None][:3]
             raise RuntimeError(f"parameters without a gradient: {', '.join(missing)}")
         norm = global_grad_norm([p.grad for p in self.params], self.chunk_numel)
+        if self.norm_reduce is not None:
+            norm = self.norm_reduce(norm.square()).sqrt()
         if not math.isfinite(float(norm)):
             self._clear_all_grads()
             raise NonFiniteGradientError(float(norm))

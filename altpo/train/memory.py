@@ -46,7 +46,8 @@ _CHECKPOINTING = {"on": "layers", "off": "none", "offload": "offload"}
 
 
 def memory_settings(config: TrainConfig, model, dtype, device, data, sampler,
-                     saved_master_mode: str | None, world: int = 1) -> MemorySettings:
+                     saved_master_mode: str | None, world: int = 1, parallel: str = "ddp",
+                     lora: bool = False, offload: bool = False) -> MemorySettings:
     """Token budget, checkpointing and master weights: the flags, else the planner, else defaults.
 
     The planner (``altpo.train.memory_plan``) runs on a CUDA device when any of the three is ``auto``,
@@ -61,13 +62,14 @@ def memory_settings(config: TrainConfig, model, dtype, device, data, sampler,
         master = saved_master_mode
     checkpointing = _CHECKPOINTING.get(config.gradient_checkpointing, "auto")
     in_backward = {"on": True, "off": False}.get(config.optimizer_in_backward, "auto")
-    if in_backward == "auto" and world > 1:
+    if in_backward == "auto" and (world > 1 or parallel == "fsdp" or offload or lora):
         in_backward = False  # the update in backward is single-process (see optimizer_in_backward)
     wants_plan = "auto" in (checkpointing, master, in_backward) or fixed_tokens is None
     plan = None
     if wants_plan and device.type == "cuda":
         plan = _plan_memory(config, model, dtype, device, data, sampler, need, fixed_tokens,
-                            checkpointing, master, in_backward)
+                            checkpointing, master, in_backward,
+                            gpus=world if parallel == "fsdp" else 1, parallel=parallel)
     if plan is not None:
         tokens = fixed_tokens or plan.tokens_per_microbatch
         checkpointing = plan.checkpointing_mode if checkpointing == "auto" else checkpointing
@@ -91,7 +93,7 @@ def memory_settings(config: TrainConfig, model, dtype, device, data, sampler,
 
 
 def _plan_memory(config, model, dtype, device, data, sampler, need, fixed_tokens, checkpointing,
-                 master, in_backward):
+                 master, in_backward, gpus=1, parallel="ddp"):
     try:
         from altpo.train import memory_plan
     except ImportError:  # the planner is optional: defaults apply without it
@@ -111,7 +113,10 @@ def _plan_memory(config, model, dtype, device, data, sampler, need, fixed_tokens
             model.config, free, tokens_per_microbatch=fixed_tokens or "auto",
             checkpointing=checkpointing, master_weights=master, reference=config.reference,
             optimizer_in_backward=in_backward, tokens_per_step=max(tokens_per_step, need),
-            max_seq_len=need, weight_dtype="bf16" if dtype == torch.bfloat16 else "fp32")
+            max_seq_len=need, weight_dtype="bf16" if dtype == torch.bfloat16 else "fp32",
+            gpus=gpus, parallel=parallel, lora_rank=int(config.lora_rank),
+            optimizer_offload=config.optimizer_offload,
+            cuda_context_bytes=0)  # the free memory was measured with the context already made
     except ValueError as err:
         raise UserError(f"memory plan: {err}") from None
     if not plan.fits:

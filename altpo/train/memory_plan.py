@@ -60,15 +60,29 @@ The budget is memory PyTorch may allocate: the CUDA context (about 0.3-0.6 GiB) 
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any
 
-from altpo.sources import hub_reachable, looks_like_hub_id
+from altpo.train.memory_plan_parallel import (
+    CUDA_CONTEXT_BYTES,
+    COMMUNICATION_BYTES,
+    DEFAULT_LORA_TARGETS,
+    check_scale_options,
+    lora_activation_bytes_per_token,
+    parameter_memory,
+    smallest_gpu_count,
+)
+from altpo.train.model_shapes import (  # noqa: F401  (re-exported: the planner's public names)
+    NAMED_SHAPES,
+    SUPPORTED_MODEL_TYPES,
+    ModelShape,
+    PlanError,
+    _as_shape,
+    format_bytes,
+    load_model_shape,
+    parse_bytes,
+    shape_from_config,
+)
 
 GIB = 1024**3
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -93,190 +107,6 @@ DEFAULT_TOKENS_PER_STEP = 96 * 128
 DEFAULT_MAX_SEQ_LEN = 512
 
 
-class PlanError(ValueError):
-    """Bad input to the planner (unknown model, unreadable config, bad option)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# model shapes
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The numbers of a decoder-only (Llama-family) model that decide its memory."""
-
-    name: str
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    intermediate_size: int
-    vocab_size: int
-    tie_word_embeddings: bool
-    head_dim: int | None = None
-    model_type: str = "llama"
-    attention_bias: bool = False  # llama/mistral: q, k, v and o projections carry biases
-    qkv_bias: bool = False  # qwen2: only q, k and v carry biases
-    mlp_bias: bool = False
-
-    @property
-    def hd(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_heads
-
-    @property
-    def q_width(self) -> int:
-        return self.num_heads * self.hd
-
-    @property
-    def kv_width(self) -> int:
-        return self.num_kv_heads * self.hd
-
-    def layer_parameters(self) -> int:
-        """Parameters of one decoder layer."""
-        h, i = self.hidden_size, self.intermediate_size
-        q, kv = self.q_width, self.kv_width
-        n = h * q + 2 * h * kv + q * h  # q, k, v, o projections
-        if self.attention_bias or self.qkv_bias:
-            n += q + 2 * kv
-        if self.attention_bias:
-            n += h
-        n += 3 * h * i  # gate, up, down
-        if self.mlp_bias:
-            n += 2 * i + h
-        return n + 2 * h  # two RMSNorm weights
-
-    def embedding_parameters(self) -> int:
-        return self.vocab_size * self.hidden_size
-
-    def num_parameters(self) -> int:
-        """Every parameter once (a tied lm_head shares the embedding)."""
-        head = 0 if self.tie_word_embeddings else self.embedding_parameters()
-        return self.embedding_parameters() + self.num_layers * self.layer_parameters() + self.hidden_size + head
-
-    def largest_parameter(self) -> int:
-        """Elements of the largest single parameter tensor."""
-        h, i = self.hidden_size, self.intermediate_size
-        return max(self.embedding_parameters(), h * i, h * self.q_width)
-
-
-# Real configs (config.json of meta-llama/Llama-3.2-1B, Llama-3.2-3B, Llama-3.1-8B).
-NAMED_SHAPES = {
-    "llama-3.2-1b": ModelShape("llama-3.2-1b", 2048, 16, 32, 8, 8192, 128256, True, 64),
-    "llama-3.2-3b": ModelShape("llama-3.2-3b", 3072, 28, 24, 8, 8192, 128256, True, 128),
-    "llama-3.1-8b": ModelShape("llama-3.1-8b", 4096, 32, 32, 8, 14336, 128256, False, 128),
-}
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-
-
-def shape_from_config(config: Any, name: str | None = None) -> ModelShape:
-    """A :class:`ModelShape` from a transformers config object or a config.json dict."""
-    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
-    if get("text_config") is not None and get("hidden_size") is None:
-        return shape_from_config(get("text_config"), name)
-    model_type = get("model_type", "llama") or "llama"
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise PlanError(
-            f"model_type {model_type!r} is not supported by the planner (supported: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}); give one of those or a named shape "
-            f"({', '.join(NAMED_SHAPES)})"
-        )
-    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                           "intermediate_size", "vocab_size") if get(k) is None]
-    if missing:
-        raise PlanError(f"model config {name or ''} lacks {', '.join(missing)}; is it a decoder-only LM config?")
-    heads = int(get("num_attention_heads"))
-    return ModelShape(
-        name=name or get("_name_or_path") or model_type,
-        hidden_size=int(get("hidden_size")),
-        num_layers=int(get("num_hidden_layers")),
-        num_heads=heads,
-        num_kv_heads=int(get("num_key_value_heads") or heads),
-        intermediate_size=int(get("intermediate_size")),
-        vocab_size=int(get("vocab_size")),
-        tie_word_embeddings=bool(get("tie_word_embeddings", model_type != "mistral")),
-        head_dim=int(get("head_dim")) if get("head_dim") else None,
-        model_type=model_type,
-        attention_bias=bool(get("attention_bias", False)) and model_type != "qwen2",
-        qkv_bias=model_type == "qwen2",
-        mlp_bias=bool(get("mlp_bias", False)),
-    )
-
-
-def load_model_shape(model: str) -> ModelShape:
-    """Resolve ``model``: a named shape, a local folder with config.json, or a hub id."""
-    key = model.strip().lower()
-    if key in NAMED_SHAPES:
-        return NAMED_SHAPES[key]
-    path = Path(model).expanduser()
-    if path.exists():
-        cfg = path / "config.json" if path.is_dir() else path
-        if not cfg.is_file():
-            raise PlanError(f"{path} has no config.json; give a model folder saved with save_pretrained")
-        try:
-            data = json.loads(cfg.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise PlanError(f"cannot read {cfg} as JSON ({err}); is it a transformers config.json?") from None
-        return shape_from_config(data, name=str(path))
-    if not looks_like_hub_id(model.strip()):
-        raise PlanError(
-            f"model {model!r} is not a named shape ({', '.join(NAMED_SHAPES)}), not an existing "
-            "folder, and not a hub id of the form owner/name"
-        )
-    if not hub_reachable():
-        raise PlanError(
-            f"cannot load the config of {model!r}: the Hugging Face hub is not reachable (or "
-            "HF_HUB_OFFLINE is set); give a local model folder or a named shape "
-            f"({', '.join(NAMED_SHAPES)})"
-        )
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(model, trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        raise PlanError(f"cannot load the config of {model!r} from the hub: {err}") from None
-    return shape_from_config(config, name=model)
-
-
-def _as_shape(model_config) -> ModelShape:
-    if isinstance(model_config, ModelShape):
-        return model_config
-    if isinstance(model_config, (str, os.PathLike)):
-        return load_model_shape(str(model_config))
-    return shape_from_config(model_config)
-
-
-# ----------------------------------------------------------------------------------------------
-# byte sizes
-
-
-_SIZE_UNITS = {
-    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}
-
-
-def parse_bytes(text: str) -> int:
-    """Parse a size such as ``16GiB``, ``80GB``, ``1.5 TiB`` or ``512MiB`` into bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]+)\s*", str(text))
-    if not m or m.group(2).lower() not in _SIZE_UNITS:
-        raise PlanError(
-            f"cannot read the size {text!r}: write a number and a unit, e.g. 16GiB or 80GB "
-            "(units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
-        )
-    value = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
-    if value <= 0:
-        raise PlanError(f"the size {text!r} must be positive")
-    return int(value)
-
-
-def format_bytes(n: float) -> str:
-    """``n`` bytes as GiB/MiB/KiB with two decimals."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
-
-
 # ----------------------------------------------------------------------------------------------
 # the estimate
 
@@ -290,6 +120,14 @@ class _Settings:
     optimizer_in_backward: bool
     tokens_per_step: int
     weight_dtype: str
+    # several GPUs, LoRA, offloaded optimizer states, memory outside the allocator
+    gpus: int = 1
+    parallel: str = "ddp"
+    lora_rank: int = 0
+    lora_targets: tuple = DEFAULT_LORA_TARGETS
+    optimizer_offload: str = "none"
+    offload_update: str = "cpu"
+    cuda_context: int = CUDA_CONTEXT_BYTES
 
 
 def activation_bytes_per_token(shape: ModelShape, dtype: str = "bf16", attention: str = "varlen") -> dict:
@@ -320,21 +158,17 @@ def _estimate(shape: ModelShape, s: _Settings) -> tuple[dict, dict, dict]:
     act = activation_bytes_per_token(shape, s.weight_dtype)
     layers = shape.num_layers
 
-    weights = p * b
-    if s.master_weights == "fp32":
-        master = 0 if b == 4 else p * 4
-    elif s.master_weights == "kahan":
-        master = 0 if b == 4 else p * b
-    else:
-        master = 0
-    optimizer = p * 8
-    if s.optimizer_in_backward:
-        gradients = shape.layer_parameters() * b + (v_h * b if shape.tie_word_embeddings else 0)
-    else:
-        gradients = p * b
+    par = parameter_memory(shape, b=b, gpus=s.gpus, parallel=s.parallel, lora_rank=s.lora_rank,
+                           lora_targets=s.lora_targets, master_weights=s.master_weights,
+                           optimizer_offload=s.optimizer_offload, offload_update=s.offload_update,
+                           optimizer_in_backward=s.optimizer_in_backward,
+                           chunk_numel=OPTIMIZER_CHUNK_NUMEL)
+    weights, master, optimizer, gradients = (par["weights"], par["master_weights"],
+                                             par["optimizer_states"], par["gradients"])
     reference = p * b if s.reference == "resident" else 0
 
-    retained_full = layers * act["layer"] + act["final"]
+    lora_act = layers * lora_activation_bytes_per_token(shape, b, s.lora_rank, s.lora_targets)
+    retained_full = layers * act["layer"] + act["final"] + lora_act
     retained_ckpt = layers * b * h + act["final"]
     retained_tokens = s.tokens_per_step if s.optimizer_in_backward else t
     if s.checkpointing == "none":
@@ -353,7 +187,7 @@ def _estimate(shape: ModelShape, s: _Settings) -> tuple[dict, dict, dict]:
         "loss_workspace": loss_ws,
         "recompute_and_backward_workspace": backward_ws,
         "embedding_backward_workspace": v_h * b,
-        "optimizer_step_workspace": 8 * min(shape.largest_parameter(), OPTIMIZER_CHUNK_NUMEL),
+        "optimizer_step_workspace": par["optimizer_step_workspace"],
     }
     if s.reference == "resident":
         transients["reference_forward_workspace"] = (b * (3 * shape.intermediate_size + 3 * h) + 4 * h) * t
@@ -361,6 +195,7 @@ def _estimate(shape: ModelShape, s: _Settings) -> tuple[dict, dict, dict]:
 
     components = {
         "weights": weights,
+        **({"gathered_weights": par["gathered_weights"]} if s.parallel == "fsdp" and s.gpus > 1 else {}),
         "master_weights": master,
         "optimizer_states": optimizer,
         "gradients": gradients,
@@ -370,6 +205,10 @@ def _estimate(shape: ModelShape, s: _Settings) -> tuple[dict, dict, dict]:
     }
     dynamic = gradients + activations + transients[peak_name]
     components["allocator_slack"] = int(SLACK_FRACTION * dynamic) + SLACK_FIXED
+    if s.gpus > 1:
+        components["communication_buffers"] = COMMUNICATION_BYTES
+    if s.cuda_context:
+        components["cuda_context"] = s.cuda_context
     not_at_peak = {k: v for k, v in transients.items() if k != peak_name}
     details = {
         "num_parameters": p,
@@ -380,7 +219,14 @@ def _estimate(shape: ModelShape, s: _Settings) -> tuple[dict, dict, dict]:
         "reference_resident": p * b,
         "reference_cached": 0,
         "activation_bytes_per_token": act,
+        "trainable_parameters": par["trainable_parameters"],
+        "trainable_parameters_on_this_gpu": par["trainable_parameters_on_this_gpu"],
+        "host_memory_for_optimizer_states": par["host_optimizer_states"],
+        # every process loads the whole model on the CPU before moving or sharding it
+        "host_memory_for_model_loading": p * b,
     }
+    host = details["host_memory_for_optimizer_states"] + details["host_memory_for_offloaded_checkpoints"]
+    details["host_memory_per_process"] = max(host, details["host_memory_for_model_loading"])
     return components, not_at_peak, details
 
 
@@ -457,8 +303,10 @@ class MemoryPlan:
     def format_table(self) -> str:
         """The plan as a plain-text table with the chosen settings and the verdict."""
         width = 40
+        gpus = self.settings.get("gpus", 1)
+        spread = (f" on each of {gpus} GPUs ({self.settings['parallel']})" if gpus > 1 else "")
         lines = [f"memory plan: {self.model} ({self.details['num_parameters']:,} parameters), "
-                 f"budget {format_bytes(self.gpu_memory_bytes)}", ""]
+                 f"budget {format_bytes(self.gpu_memory_bytes)}{spread}", ""]
         lines.append(f"{'component':<{width}} {'bytes':>15} {'size':>12}")
         lines.append("-" * (width + 29))
         for name, n in self.components.items():
@@ -478,6 +326,9 @@ class MemoryPlan:
         if d["host_memory_for_offloaded_checkpoints"]:
             n = d["host_memory_for_offloaded_checkpoints"]
             lines.append(f"  {'pinned CPU memory for checkpoints':<{width - 2}} {n:>15,} {format_bytes(n):>12}")
+        host = d.get("host_memory_per_process")
+        if host is not None:
+            lines.append(f"  {'host memory per process':<{width - 2}} {host:>15,} {format_bytes(host):>12}")
         lines.append("")
         lines.append("settings:")
         for k, val in self.settings.items():
@@ -492,6 +343,10 @@ class MemoryPlan:
                 lines.append(f"smallest budget that fits: {format_bytes(self.smallest_budget_bytes)} "
                              f"({self.smallest_budget_bytes:,} bytes) with "
                              + ", ".join(f"{k}={v}" for k, v in self.smallest_budget_settings.items()))
+        if self.details.get("smallest_gpus") is not None:
+            lines.append(f"smallest number of GPUs that fits (--parallel fsdp): {self.details['smallest_gpus']}")
+        if self.fits:
+            lines.append(f"train with: {train_flags(self.settings)}")
         for note in self.notes:
             lines.append(f"note: {note}")
         return "\n".join(lines)
@@ -510,7 +365,32 @@ def _settings_dict(s: _Settings, shape: ModelShape) -> dict:
         "tokens_per_step": s.tokens_per_step,
         "weight_dtype": s.weight_dtype,
         "optimizer": "AdamW, fp32 states",
+        "gpus": s.gpus,
+        "parallel": s.parallel,
+        "lora_rank": s.lora_rank,
+        "optimizer_offload": s.optimizer_offload if s.optimizer_offload == "none"
+        else f"{s.optimizer_offload} (update: {s.offload_update})",
     }
+
+
+_TRAIN_CHECKPOINTING = {"none": "off", "layers": "on", "offload": "offload"}
+
+
+def train_flags(settings: dict) -> str:
+    """The ``altpo-fast train`` flags that select a plan's settings."""
+    flags = [f"--tokens-per-microbatch {settings['tokens_per_microbatch']}",
+             f"--gradient-checkpointing {_TRAIN_CHECKPOINTING[settings['checkpointing']]}",
+             f"--master-weights {str(settings['master_weights']).split(' ')[0]}",
+             f"--optimizer-in-backward {'on' if settings['optimizer_in_backward'] else 'off'}",
+             f"--reference {settings['reference']}"]
+    if settings.get("gpus", 1) > 1:
+        flags.append(f"--parallel {settings['parallel']}")
+    if settings.get("lora_rank"):
+        flags.append(f"--lora-rank {settings['lora_rank']}")
+    offload = str(settings.get("optimizer_offload", "none"))
+    if offload != "none":
+        flags.append(f"--optimizer-offload cpu --offload-update {offload.split('update: ')[1].rstrip(')')}")
+    return " ".join(flags)
 
 
 def _total(shape, s) -> int:
@@ -550,8 +430,17 @@ def plan_memory(
     tokens_per_step: int = DEFAULT_TOKENS_PER_STEP,
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
     weight_dtype: str = "bf16",
+    gpus: int = 1,
+    parallel: str = "ddp",
+    lora_rank: int = 0,
+    lora_targets=DEFAULT_LORA_TARGETS,
+    optimizer_offload: str = "none",
+    offload_update: str = "cpu",
+    cuda_context_bytes: int = CUDA_CONTEXT_BYTES,
+    find_smallest_gpus: bool = True,
 ) -> MemoryPlan:
-    """Plan full-parameter AltPO training memory for one GPU.
+    """Plan AltPO training memory per GPU (one GPU, DDP or FSDP over ``gpus``; see
+    :mod:`altpo.train.memory_plan_parallel` for the scale-out terms).
 
     Args:
         model_config: a named shape (``"llama-3.2-1b"``, ``"llama-3.2-3b"``, ``"llama-3.1-8b"``),
@@ -570,6 +459,14 @@ def plan_memory(
             optimizer steps in backward, where every micro-batch's activations are retained.
         max_seq_len: the longest packed sequence; a micro-batch holds at least this many tokens.
         weight_dtype: ``"bf16"``, ``"fp16"`` or ``"fp32"``.
+        gpus, parallel: the number of GPUs and ``"ddp"`` (a whole model on each) or ``"fsdp"``
+            (everything sharded over them); ``gpu_memory_bytes`` is the memory of each.
+        lora_rank, lora_targets: LoRA adapters of that rank on those modules (0: full-parameter).
+        optimizer_offload, offload_update: ``"cpu"`` puts master weights and moments in host
+            memory; the update runs on the host (``"cpu"``) or streams to the GPU (``"stream"``).
+        cuda_context_bytes: memory the CUDA context and library workspaces take outside
+            PyTorch's allocations (counted; 0 when the budget was measured with it already made).
+        find_smallest_gpus: also search the smallest number of GPUs that fits with FSDP.
     """
     shape = _as_shape(model_config)
     if not isinstance(gpu_memory_bytes, int) or gpu_memory_bytes <= 0:
@@ -584,6 +481,14 @@ def plan_memory(
     _check_choice("reference", reference, REFERENCE_MODES)
     _check_choice("optimizer_in_backward", optimizer_in_backward, (True, False, "auto"))
     _check_choice("weight_dtype", weight_dtype, tuple(DTYPE_BYTES))
+    check_scale_options(gpus, parallel, lora_rank, lora_targets, optimizer_offload, offload_update)
+    lora_targets = tuple(lora_targets)
+    scaled = gpus > 1 or parallel == "fsdp" or optimizer_offload != "none" or lora_rank > 0
+    if scaled and optimizer_in_backward is True:
+        raise PlanError("the optimizer step in backward is single-GPU full-parameter training, "
+                        "without FSDP, LoRA or offloaded states; plan with --optimizer-in-backward off")
+    if scaled:
+        optimizer_in_backward = False
     if int(max_seq_len) <= 0 or int(tokens_per_step) <= 0:
         raise PlanError("max_seq_len and tokens_per_step must be positive")
     if tokens_per_microbatch != "auto":
@@ -595,11 +500,25 @@ def plan_memory(
                 f"({max_seq_len}); a packed micro-batch must hold one whole sequence"
             )
 
+    def again(**changes) -> MemoryPlan:
+        """This plan with some options changed (no search for the GPU count)."""
+        args = dict(tokens_per_microbatch=tokens_per_microbatch, checkpointing=checkpointing,
+                    master_weights=master_weights, reference=reference,
+                    optimizer_in_backward=optimizer_in_backward, tokens_per_step=tokens_per_step,
+                    max_seq_len=max_seq_len, weight_dtype=weight_dtype, gpus=gpus, parallel=parallel,
+                    lora_rank=lora_rank, lora_targets=lora_targets,
+                    optimizer_offload=optimizer_offload, offload_update=offload_update,
+                    cuda_context_bytes=cuda_context_bytes, find_smallest_gpus=False)
+        args.update(changes)
+        return plan_memory(shape, gpu_memory_bytes, **args)
+
     masters = ["fp32", "kahan"] if master_weights == "auto" else [master_weights]
     in_bwd = [False, True] if optimizer_in_backward == "auto" else [optimizer_in_backward]
     ckpts = {"auto": list(CHECKPOINTING_MODES), "on": ["layers", "offload"]}.get(checkpointing, [checkpointing])
     candidates = [
-        _Settings(0, c, m, reference, o, int(tokens_per_step), weight_dtype)
+        _Settings(0, c, m, reference, o, int(tokens_per_step), weight_dtype, gpus, parallel,
+                  int(lora_rank), lora_targets, optimizer_offload, offload_update,
+                  int(cuda_context_bytes))
         for m in masters for o in in_bwd for c in ckpts
     ]
     lo = int(max_seq_len)
@@ -651,15 +570,24 @@ def plan_memory(
                 "full-parameter training of this model cannot fit on this device"
             )
         if master_weights == "fp32" and "kahan" not in masters:
-            alt = plan_memory(shape, gpu_memory_bytes, tokens_per_microbatch=tokens_per_microbatch,
-                              checkpointing=checkpointing, master_weights="kahan", reference=reference,
-                              optimizer_in_backward=optimizer_in_backward, tokens_per_step=tokens_per_step,
-                              max_seq_len=max_seq_len, weight_dtype=weight_dtype)
+            alt = again(master_weights="kahan")
             if alt.fits:
                 notes.append("master_weights=kahan (bf16 weights with a bf16 compensation buffer: "
                              "exact updates at 2 fewer bytes per parameter) fits this budget")
         if reference == "resident":
             notes.append("reference=cached frees the reference weights during training")
+        if optimizer_offload == "none" and again(optimizer_offload="cpu").fits:
+            notes.append("--optimizer-offload cpu (master weights and moments in host memory) fits "
+                         "this budget")
+        if not lora_rank and again(lora_rank=16).fits:
+            notes.append("--lora-rank 16 (LoRA adapters instead of every weight) fits this budget")
+    if find_smallest_gpus:
+        plan.details["smallest_gpus"] = smallest_gpu_count(
+            lambda n: (plan.fits if (n == gpus and parallel == "fsdp") else
+                       again(gpus=n, parallel="fsdp" if n > 1 else parallel).fits), limit=1024)
+        n = plan.details["smallest_gpus"]
+        if not plan.fits and n is not None:
+            notes.append(f"with --parallel fsdp this fits on {n} GPUs of {format_bytes(gpu_memory_bytes)}")
     s = plan.settings
     if s["optimizer_in_backward"]:
         notes.append(
