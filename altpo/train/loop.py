@@ -27,9 +27,9 @@ from typing import Callable
 
 import torch
 
-from altpo.data.packing import forget_units, num_loss_tokens, pack_micro_batches, retain_units
+from altpo.data.packing import num_loss_tokens, pack_micro_batches, retain_units
 from altpo.data.step_sampling import StepSampler
-from altpo.data.tofu import ChatFormat, build_altpo_data, load_alternates, load_tofu_split, truncation_report
+from altpo.data.tofu import ChatFormat, build_altpo_data, load_tofu_split, truncation_report
 from altpo.errors import UserError
 from altpo.model.loading import load_causal_lm, load_tokenizer
 from altpo.train.checkpoint import (
@@ -68,7 +68,8 @@ from altpo.train.run_folder import (
     trim_metrics,
 )
 from altpo.train.signals import stop_signals
-from altpo.train.step import PackedAltPOLoss, forward_backward
+from altpo.train.methods import method_alternates, needs_reference, packed_loss_module, prepare_step
+from altpo.train.step import forward_backward
 
 __all__ = ["train", "TrainResult", "NonFiniteLossError"]
 
@@ -110,7 +111,7 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
     forget_rows = load_tofu_split(config.data, config.forget_split)
     retain_rows = load_tofu_split(config.data, config.retain_split)[: config.max_retain_rows]
     # alternates are checked against the whole split, then cut with it
-    alternates = load_alternates(config.alternates, forget_rows)[: config.max_forget_rows]
+    alternates = method_alternates(config, forget_rows)[: config.max_forget_rows]
     forget_rows = forget_rows[: config.max_forget_rows]
     data = build_altpo_data(tokenizer, forget_rows, alternates, retain_rows, fmt=fmt,
                             max_length=config.max_length)
@@ -134,7 +135,8 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
     # 3. the model, and the memory settings (the planner's, on a GPU, where asked for)
     dtype = train_dtype(config.dtype, dist.device)
     model = load_causal_lm(config.model, dtype)
-    model_hash = model_fingerprint(model) if config.reference == "cached" else None
+    model_hash = (model_fingerprint(model)
+                  if config.reference == "cached" and needs_reference(config.method) else None)
     saved_mode = checkpoint_master_mode(resume_from)
     memory = memory_settings(config, model, dtype, dist.device, data, sampler, saved_mode,
                               dist.world)
@@ -164,7 +166,9 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
     ref, ref_model = None, None
     ref_path = Path(config.ref_cache).expanduser() if config.ref_cache else out / REF_CACHE_NAME
     with explain_oom(config, memory):
-        if config.reference == "cached":
+        if not needs_reference(config.method):
+            pass  # simnpo, graddiff, gradascent: no reference model at all
+        elif config.reference == "cached":
             key = cache_key(model_hash, data.reference_fingerprint(), dtype)
             ref = cached_reference_logprobs(model, data, key, ref_path, budget, config, dist, say)
         else:
@@ -191,8 +195,7 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
         return config.lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     model.train()
-    loss_module = PackedAltPOLoss(model, beta=config.beta, alpha=config.alpha, gamma=config.gamma,
-                                  loss_backend=config.loss_backend)
+    loss_module = packed_loss_module(model, config)  # altpo, or another method (methods.py)
     step_module, no_sync = loss_module, None
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -235,7 +238,7 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
             rows = sampler.rows(step, dist.rank, dist.world)
-            units = forget_units(data, rows.pairs, *((ref.alternates, ref.forget) if ref else ()))
+            units = prepare_step(loss_module, data, config.method, rows, ref)
             if config.alpha > 0:  # with alpha 0 the retain rows would cost compute for nothing
                 units += retain_units(data, rows.retain)
             micro_batches = pack_micro_batches(units, budget)
