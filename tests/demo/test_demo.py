@@ -76,7 +76,7 @@ def test_summary_has_the_metrics_before_and_after(demo_run):
             value = summary[side][name]
             assert isinstance(value, float) and math.isfinite(value), (side, name)
     assert set(summary["forgetting"]) == FORGETTING_KEYS
-    assert summary["curves"]["finetune_full_loss"] and summary["curves"]["altpo"]
+    assert summary["curves"]["finetune_full_loss"] and summary["curves"]["unlearning"]
     steps = [p["step"] for p in summary["curves"]["probabilities"]]
     assert steps[0] == 0 and steps == sorted(steps) and len(steps) >= 4
     # the summary reports what the eval files hold
