@@ -54,6 +54,8 @@ def test_demo_writes_every_file_and_is_quiet(demo_run):
     out, rc, stdout = demo_run
     assert rc == 0 and stdout == ""
     for name in OUTPUT_ENTRIES:
+        if name in ("unlearned_models", "demo_compare.png"):  # --compare only
+            continue
         assert (out / name).exists(), name
     for name in ("retain_model", "before", "after"):
         assert (out / "eval" / name / "TOFU_EVAL.json").is_file()
