@@ -8,7 +8,7 @@ Runs on the CPU in seconds with a tiny randomly initialised Llama:
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from altpo_kernels import altpo_loss, linear_logprobs
+from altpo_kernels import altpo_loss, linear_logprobs, packed_hidden_states
 
 torch.manual_seed(0)
 model = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128,
@@ -17,14 +17,15 @@ model = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=64, intermedia
 # Three sequences packed into one row: 0 = alternate answer, 1 = forget answer, 2 = retain row.
 lengths = [12, 10, 14]
 input_ids = torch.randint(0, 1000, (1, sum(lengths)))
-position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
 seq_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
 labels = torch.roll(input_ids[0], -1)                      # hidden[t] predicts token t + 1
 labels[torch.cumsum(torch.tensor(lengths), 0) - 1] = -100  # no target past a sequence's end
 labels[:4] = -100                                          # prompt tokens carry no loss
 
-# (A real trainer also makes attention block-diagonal: see altpo.model.packed_attention.)
-hidden = model.model(input_ids=input_ids, position_ids=position_ids).last_hidden_state[0]
+# Each sequence must attend to itself only. A plain model.model(input_ids, position_ids) forward
+# does not guarantee that (with the default use_cache=True every sequence also sees the ones
+# before it); packed_hidden_states isolates them whatever the attention implementation.
+hidden = packed_hidden_states(model, input_ids[0], seq_lens=lengths)   # [N, H]
 with torch.no_grad():  # the frozen reference: here the starting model itself, so delta starts at 0
     ref_seq = torch.zeros(3).index_add_(0, seq_ids, linear_logprobs(hidden, model.lm_head.weight, labels))
 out = altpo_loss(hidden, model.lm_head.weight, labels, seq_ids,

@@ -9,14 +9,21 @@ retain_Q_A_Prob stays within 10 %.
 
     altpo-fast demo                      # writes ./altpo-demo
     altpo-fast demo --output /tmp/demo --small --seed 1
+    altpo-fast demo --method npo         # any method of docs/methods.md instead of AltPO
+    altpo-fast demo --compare            # AltPO, NPO and SimNPO from the same full model
 
 Output: data/, full_model/, retain_model/, alternates.jsonl, unlearned_model/ (the trainer's
 output folder), eval/{retain_model,before,after}/ (TOFU_EVAL.json, TOFU_SUMMARY.json),
-demo_summary.json and demo_plot.png. Exit status 0 when forgetting held, 1 when it did not.
+demo_summary.json and demo_plot.png. With --compare: unlearned_models/<method>/,
+eval/after_<method>/ and demo_compare.png (the methods' TOFU metrics side by side in one figure).
+Exit status 0 when forgetting held (for every method with --compare), 1 when it did not.
 """
 
 from __future__ import annotations
 
+from altpo_kernels.unlearning_loss import METHODS
+
+from altpo.demo.methods import COMPARE_METHODS
 from altpo.errors import UserError
 
 
@@ -36,6 +43,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=1, metavar="N",
                         help="torch CPU threads (default 1: the models are so small that more "
                         "threads gain little, and on busy cores they wait on each other)")
+    parser.add_argument("--method", default="altpo", choices=METHODS,
+                        help="unlearning method (default altpo; docs/methods.md), with the "
+                        "demo's recipe for it")
+    parser.add_argument("--compare", action="store_true",
+                        help=f"run {', '.join(COMPARE_METHODS)} from the same full model and plot "
+                        "their TOFU metrics side by side (demo_compare.png); about three minutes "
+                        "more than one method")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bars, stage lines or report; errors only (the results "
                         "are in demo_summary.json, the exit status says whether forgetting held)")
@@ -49,7 +63,8 @@ def run(args) -> int:
     try:
         summary = run_demo(args.output, preset="small" if args.small else "default",
                            seed=args.seed, force=args.force, progress=not args.quiet,
-                           verbose=not args.quiet, threads=args.threads)
+                           verbose=not args.quiet, threads=args.threads, method=args.method,
+                           compare=COMPARE_METHODS if args.compare else None)
     except DemoError as err:
         raise UserError(str(err)) from None
     return 0 if summary["forgetting"]["held"] else 1

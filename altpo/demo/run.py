@@ -32,10 +32,11 @@ from typing import Sequence
 
 #: What the demo writes into its output folder (``--force`` removes exactly these first).
 OUTPUT_ENTRIES = ("data", "full_model", "retain_model", "alternates.jsonl",
-                  "alternates.jsonl.settings.json", "unlearned_model",
-                  "eval", "demo_summary.json", "demo_plot.png")
+                  "alternates.jsonl.settings.json", "unlearned_model", "unlearned_models",
+                  "eval", "demo_summary.json", "demo_plot.png", "demo_compare.png")
 SUMMARY_NAME = "demo_summary.json"
 PLOT_NAME = "demo_plot.png"
+COMPARE_PLOT_NAME = "demo_compare.png"  # --compare: the methods' TOFU metrics side by side
 
 # The two conditions the demo must meet (DESIGN: "it must really forget").
 FORGET_RATIO_LIMIT = 0.5
@@ -232,7 +233,8 @@ class _Stages:
 
 def run_demo(output: str | Path = "altpo-demo", *, preset: str = "default",
              config: DemoConfig | None = None, seed: int = 0, force: bool = False,
-             progress: bool = True, verbose: bool = True, threads: int | None = 1) -> dict:
+             progress: bool = True, verbose: bool = True, threads: int | None = 1,
+             method: str = "altpo", compare: Sequence[str] | None = None) -> dict:
     """Run the whole demo into ``output`` and return its summary (also in ``demo_summary.json``).
 
     Args:
@@ -244,7 +246,15 @@ def run_demo(output: str | Path = "altpo-demo", *, preset: str = "default",
         threads: torch CPU threads for the run (restored afterwards); None leaves torch's setting.
             Tiny models gain little from more threads, and threads that share busy cores wait on
             each other, so the default is one.
+        method: the unlearning method (``altpo``, ``npo``, ``simnpo``, ``idkdpo``, ``dpo``,
+            ``graddiff``, ``gradascent``; docs/methods.md), with the demo's recipe for it.
+        compare: several methods instead, each from the same full model (e.g.
+            :data:`altpo.demo.methods.COMPARE_METHODS`); their metrics side by side in
+            ``demo_compare.png`` and the summary's ``methods``.
     """
+    from altpo.demo.methods import check_methods
+
+    methods = check_methods(list(compare) if compare else [method])
     if config is None:
         if preset not in PRESETS:
             raise DemoError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
@@ -264,25 +274,30 @@ def run_demo(output: str | Path = "altpo-demo", *, preset: str = "default",
     # transformers' own bars (loading and writing 1 MB weight files) are noise here
     hf_logging.disable_progress_bar()
     try:
-        return _run(out, config, seed, progress, verbose)
+        return _run(out, config, seed, progress, verbose, methods)
     finally:
         torch.set_num_threads(previous_threads)
         if hf_bars:
             hf_logging.enable_progress_bar()
 
 
-def _run(out: Path, config: DemoConfig, seed: int, progress: bool, verbose: bool) -> dict:
+def _run(out: Path, config: DemoConfig, seed: int, progress: bool, verbose: bool,
+         methods: Sequence[str] = ("altpo",)) -> dict:
     import torch
 
     from altpo.data.synthetic_authors import build_synthetic_tofu
+    from altpo.demo.methods import (compare_summary, format_compare_report, method_title,
+                                    needs_alternates, plot_compare, write_idk_answers)
+    from altpo.eval.tofu import evaluate_tofu
     from altpo.model.tiny_finetune import finetune_qa
     from altpo.model.tiny_llama import build_tiny_llama, build_tiny_tokenizer, save_tiny_model
-    from altpo.eval.tofu import evaluate_tofu
 
     started = time.perf_counter()
-    stage = _Stages(9, verbose)
+    with_alternates = any(needs_alternates(m) for m in methods)
+    stage = _Stages(6 + with_alternates + 2 * len(methods), verbose)
     data_dir, eval_dir = out / "data", out / "eval"
-    full_dir, retain_dir, unlearned_dir = out / "full_model", out / "retain_model", out / "unlearned_model"
+    full_dir, retain_dir = out / "full_model", out / "retain_model"
+    compare = len(methods) > 1
     forget_split, retain_split = config.forget_split, config.retain_split
 
     with stage("data", "inventing the fictitious-author data set"):
@@ -291,6 +306,7 @@ def _run(out: Path, config: DemoConfig, seed: int, progress: bool, verbose: bool
             num_real_authors=config.num_real_authors, num_world_facts=config.num_world_facts,
             seed=seed)
         data.write(data_dir)
+        write_idk_answers(data_dir)
         general = data.splits["real_authors_perturbed"] + data.splits["world_facts_perturbed"]
         if verbose:
             print(f"      {len(data.authors)} authors x {config.questions_per_author} questions "
@@ -336,44 +352,60 @@ def _run(out: Path, config: DemoConfig, seed: int, progress: bool, verbose: bool
     with stage("eval_before", "evaluating the full model (before unlearning)"):
         before = evaluate(full_dir, "before", eval_dir / "retain_model")
 
-    with stage("alternates", f"sampling {config.num_alternates} alternate answers per forget "
-               "question from the full model"):
-        alternates_path = out / "alternates.jsonl"
-        alt_report = _generate_alternates(full_dir, data_dir, forget_split, alternates_path,
-                                          config, seed, progress)
+    alternates_path = out / "alternates.jsonl"
+    if with_alternates:
+        with stage("alternates", f"sampling {config.num_alternates} alternate answers per forget "
+                   "question from the full model"):
+            alt_report = _generate_alternates(full_dir, data_dir, forget_split, alternates_path,
+                                              config, seed, progress)
+            if verbose:
+                print(f"      {alt_report.describe()}", flush=True)
+
+    runs = {}
+    for method in methods:
+        unlearned_dir = out / "unlearned_models" / method if compare else out / "unlearned_model"
+        after_name = f"after_{method}" if compare else "after"
+        with stage(f"unlearn_{method}", f"unlearning with {method_title(method)} (the altpo-fast "
+                   "train code path)"):
+            history, _ = _train_method(method, full_dir, data_dir, alternates_path, unlearned_dir,
+                                       config, seed, quiet=not progress)
+            curve = _probability_curve(full_dir, unlearned_dir, data, config)
+        with stage(f"eval_{after_name}", f"evaluating the {method_title(method)} model"):
+            after = evaluate(unlearned_dir, after_name, eval_dir / "retain_model")
+        runs[method] = {"after": after, "forgetting": forgetting_check(before, after),
+                        "curve": [{k: r[k] for k in ("step", "epoch", "loss", "forget_loss",
+                                                      "retain_loss")} for r in history],
+                        "probabilities": curve}
+
+    common = {"preset_config": dataclasses.asdict(config), "seed": seed,
+              "forget_split": forget_split, "retain_split": retain_split, "before": before,
+              "retain_model": retain_metrics}
+    if compare:
+        summary = compare_summary(common, runs, stage.seconds, started)
+        plot_compare(summary, out / COMPARE_PLOT_NAME)
+        summary["total_time_s"] = round(time.perf_counter() - started, 2)
+        (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
         if verbose:
-            print(f"      {alt_report.describe()}", flush=True)
+            print(format_compare_report(summary, out), flush=True)
+        return summary
 
-    with stage("altpo", "unlearning with AltPO (the altpo-fast train code path)"):
-        history, save_every = _train_altpo(full_dir, data_dir, alternates_path, unlearned_dir,
-                                           config, seed, quiet=not progress)
-        curve = _probability_curve(full_dir, unlearned_dir, data, config)
-
-    with stage("eval_after", "evaluating the unlearned model"):
-        after = evaluate(unlearned_dir, "after", eval_dir / "retain_model")
-
-    check = forgetting_check(before, after)
+    method = methods[0]
+    run = runs[method]
     summary = {
-        "preset_config": dataclasses.asdict(config),
-        "seed": seed,
-        "forget_split": forget_split,
-        "retain_split": retain_split,
-        "before": before,
-        "after": after,
-        "retain_model": retain_metrics,
-        "forgetting": check,
+        **common,
+        "method": method,
+        "after": run["after"],
+        "forgetting": run["forgetting"],
         "curves": {
             "finetune_full_loss": full_ft.step_losses,
             "finetune_retain_loss": retain_ft.step_losses,
-            "altpo": [{k: r[k] for k in ("step", "epoch", "loss", "forget_loss", "retain_loss",
-                                         "forget_logp_mean", "alternate_logp_mean")}
-                      for r in history],
-            "probabilities": curve,
+            "unlearning": run["curve"],
+            "probabilities": run["probabilities"],
         },
         "timings_s": stage.seconds,
         "total_time_s": round(time.perf_counter() - started, 2),
         "torch_threads": torch.get_num_threads(),
-        "files": {name: name for name in OUTPUT_ENTRIES},
+        "files": {name: name for name in OUTPUT_ENTRIES if (out / name).exists() or name == PLOT_NAME},
     }
     plot_summary(summary, out / PLOT_NAME)
     summary["total_time_s"] = round(time.perf_counter() - started, 2)
@@ -384,7 +416,7 @@ def _run(out: Path, config: DemoConfig, seed: int, progress: bool, verbose: bool
 
 
 # ------------------------------------------------------------------------------------------------
-# alternates and AltPO
+# alternates and unlearning
 
 
 def _generate_alternates(model_dir: Path, data_dir: Path, forget_split: str, path: Path,
@@ -406,21 +438,26 @@ def _generate_alternates(model_dir: Path, data_dir: Path, forget_split: str, pat
     return report
 
 
-def _train_altpo(model_dir: Path, data_dir: Path, alternates: Path, output: Path,
-                 config: DemoConfig, seed: int, quiet: bool):
-    """AltPO through :func:`altpo.train.train`; a checkpoint every epoch for the curve."""
-    from altpo.train.loop import train
+def _train_method(method: str, model_dir: Path, data_dir: Path, alternates: Path, output: Path,
+                  config: DemoConfig, seed: int, quiet: bool):
+    """``method`` through :func:`altpo.train.train`; a checkpoint every epoch for the curve."""
+    from altpo.data.tofu import load_tofu_split
+    from altpo.demo.methods import demo_recipe, needs_alternates
     from altpo.train.config import TrainConfig
+    from altpo.train.loop import train
 
-    num_pairs = sum(1 for line in alternates.read_text().splitlines() if line.strip())
-    steps_per_epoch = max(1, num_pairs // config.altpo_batch_size)
-    save_every = steps_per_epoch
+    recipe = demo_recipe(config, method)
+    if needs_alternates(method):
+        rows = sum(1 for line in alternates.read_text().splitlines() if line.strip())
+    else:
+        rows = len(load_tofu_split(str(data_dir), config.forget_split))
+    save_every = max(1, rows // recipe["batch_size"])
     cfg = TrainConfig(
         model=str(model_dir), data=str(data_dir), forget_split=config.forget_split,
-        retain_split=config.retain_split, alternates=str(alternates), output=str(output),
-        batch_size=config.altpo_batch_size, lr=config.altpo_lr, epochs=config.altpo_epochs,
-        beta=config.beta, alpha=config.alpha, gamma=config.gamma, seed=seed, device="cpu",
-        dtype="fp32", save_every=save_every, keep_checkpoints=0, quiet=quiet)
+        retain_split=config.retain_split, output=str(output), method=method,
+        alternates=str(alternates) if needs_alternates(method) else None, seed=seed,
+        device="cpu", dtype="fp32", save_every=save_every, keep_checkpoints=0, quiet=quiet,
+        **recipe)
     result = train(cfg)
     return result.history, save_every
 
@@ -510,11 +547,14 @@ def plot_summary(summary: dict, path: Path) -> None:
     ax.legend()
 
     ax = axes[0, 1]
-    steps = [r["step"] for r in curves["altpo"]]
-    ax.plot(steps, [r["loss"] for r in curves["altpo"]], label="total", lw=1.5)
-    ax.plot(steps, [r["forget_loss"] for r in curves["altpo"]], label="forget term", lw=1)
-    ax.plot(steps, [r["retain_loss"] for r in curves["altpo"]], label="retain term (NLL)", lw=1)
-    ax.set(title="AltPO training loss", xlabel="step", ylabel="loss")
+    from altpo.demo.methods import method_title
+
+    title = method_title(summary.get("method", "altpo"))
+    steps = [r["step"] for r in curves["unlearning"]]
+    ax.plot(steps, [r["loss"] for r in curves["unlearning"]], label="total", lw=1.5)
+    ax.plot(steps, [r["forget_loss"] for r in curves["unlearning"]], label="forget term", lw=1)
+    ax.plot(steps, [r["retain_loss"] for r in curves["unlearning"]], label="retain term (NLL)", lw=1)
+    ax.set(title=f"{title} training loss", xlabel="step", ylabel="loss")
     ax.legend()
 
     ax = axes[1, 0]
@@ -526,14 +566,14 @@ def plot_summary(summary: dict, path: Path) -> None:
     start = probs[0]["forget_Q_A_Prob"]
     ax.axhline(FORGET_RATIO_LIMIT * start, color="grey", ls="--", lw=1,
                label="half the starting forget probability")
-    ax.set(title="answer probability (Q_A_Prob) during AltPO", xlabel="step",
+    ax.set(title=f"answer probability (Q_A_Prob) during {title}", xlabel="step",
            ylabel="exp(-mean answer NLL)", ylim=(0, 1.05))
     ax.legend()
 
     ax = axes[1, 1]
     names = ["forget_Q_A_Prob", "retain_Q_A_Prob", "model_utility", "forget_Q_A_ROUGE"]
     width = 0.27
-    for k, (key, label) in enumerate((("before", "before"), ("after", "after AltPO"),
+    for k, (key, label) in enumerate((("before", "before"), ("after", f"after {title}"),
                                       ("retain_model", "retain model"))):
         values = [summary[key].get(n) or 0.0 for n in names]
         ax.bar([i + (k - 1) * width for i in range(len(names))], values, width, label=label)

@@ -19,6 +19,8 @@ from typing import Any
 
 from altpo.errors import UserError
 from altpo.data.tofu import DEFAULT_DATE_STRING, DEFAULT_SYSTEM_PROMPT
+from altpo.train.method_settings import (METHOD_NAMES, OPEN_UNLEARNING_PRESETS, fill_method_defaults,
+                                         resolve_method_settings)
 
 SEED_MODEL = "open-unlearning/tofu_Llama-3.2-1B-Instruct_full"
 DEFAULT_CPU_TOKENS_PER_MICROBATCH = 2048
@@ -76,9 +78,24 @@ class TrainConfig:
                                     f"on a CPU a fixed {DEFAULT_CPU_TOKENS_PER_MICROBATCH} (raised "
                                     "to the largest forget group when that is longer).",
                                     group="step", metavar="N|auto", kind="auto_int")
-    beta: float = _s(0.5, "AltPO beta (inverse temperature of the preference term).", group="step")
-    alpha: float = _s(2.0, "Weight of the retain NLL term.", group="step")
-    gamma: float = _s(1.0, "Weight of the forget (preference) term.", group="step")
+    beta: float | None = _s(None, "Inverse temperature of the forget term (altpo, dpo, idkdpo, npo, "
+                            "simnpo). Default: the method's (altpo 0.5, dpo/idkdpo/npo 0.1, simnpo "
+                            "4.5).", group="step", metavar="X")
+    alpha: float | None = _s(None, "Weight of the retain NLL term. Default: the method's (altpo 2, "
+                             "gradascent 0, others 1).", group="step", metavar="X")
+    gamma: float | None = _s(None, "Weight of the forget term. Default: the method's (simnpo "
+                             "0.125, others 1).", group="step", metavar="X")
+
+    # unlearning method (docs/methods.md): the forget term, its data and its extra settings
+    method: str = _s("altpo", "Unlearning method: altpo (alternates preferred over the forget "
+                     "answers), dpo (the same loss with --alternates as the chosen answers), "
+                     "idkdpo (DPO whose chosen answers are \"I don't know\" variants from "
+                     "--idk-answers), npo, simnpo, graddiff, gradascent. All share the retain "
+                     "term with --alpha.", group="step", choices=METHOD_NAMES)
+    delta: float | None = _s(None, "SimNPO margin delta (default 0).", group="step", metavar="X")
+    idk_answers: str | None = _s(None, "idkdpo: \"I don't know\" answers, one per line (one is "
+                                 "drawn per forget row with --seed). Default: idontknow.jsonl in "
+                                 "the --data folder.", group="model and data", metavar="FILE")
 
     # optimisation
     lr: float = _s(1e-5, "Peak learning rate (AdamW).", group="optimisation")
@@ -218,6 +235,9 @@ class TrainConfig:
 
     # ---------------------------------------------------------------------------------------------
 
+    def __post_init__(self):
+        fill_method_defaults(self)  # unlearning method: its beta/alpha/gamma/delta when unset
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -228,9 +248,10 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Check required settings and ranges; raise :class:`UserError` naming the flag."""
-        for name in ("model", "alternates", "output"):
+        for name in ("model", "output"):
             if not getattr(self, name):
                 raise UserError(f"--{_flag(name)} is required ({_help(name).split('.')[0]})")
+        resolve_method_settings(self)  # the method's defaults for beta/alpha/gamma/delta
         positive_ints = ("batch_size", "max_length")
         for name in positive_ints:
             if int(getattr(self, name)) < 1:
@@ -243,7 +264,7 @@ class TrainConfig:
             if not math.isfinite(float(getattr(self, name))):
                 raise UserError(f"--{_flag(name)} must be a finite number, got {getattr(self, name)}")
         for name in ("lr", "beta", "epochs"):
-            if not float(getattr(self, name)) > 0:
+            if getattr(self, name) is not None and not float(getattr(self, name)) > 0:
                 raise UserError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
         for name in ("alpha", "gamma", "weight_decay", "max_grad_norm", "warmup_epochs",
                      "save_every", "keep_checkpoints"):
@@ -332,6 +353,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, max_grad_norm=1.0,
         seed=0, dtype="bf16", master_weights="fp32",
     ),
+    # open-unlearning's published NPO, SimNPO, IdkDPO and GradDiff recipes (see method_settings.py)
+    **OPEN_UNLEARNING_PRESETS,
 }
 
 
@@ -463,5 +486,6 @@ TRAJECTORY_SETTINGS = (
     "gamma", "lr", "epochs", "max_steps", "warmup_epochs", "weight_decay", "adam_beta1",
     "adam_beta2", "adam_eps", "max_grad_norm", "seed", "dtype", "master_weights", "reference",
     "lora_rank", "lora_alpha", "lora_targets",
+    "method", "delta", "idk_answers",  # unlearning method
 )
 TRAJECTORY_SETTINGS += ("numerics", "per_device_batch_size")  # open-unlearning parity

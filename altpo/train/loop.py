@@ -30,9 +30,9 @@ from typing import Callable
 import torch
 
 from altpo.data.data_checks import check_answer_tokens, check_retain_overlap, duplicate_alternates_note
-from altpo.data.packing import forget_units, num_loss_tokens, pack_micro_batches, retain_units
+from altpo.data.packing import num_loss_tokens, pack_micro_batches, retain_units
 from altpo.data.step_sampling import StepSampler
-from altpo.data.tofu import ChatFormat, build_altpo_data, load_alternates, load_tofu_split, truncation_report
+from altpo.data.tofu import ChatFormat, build_altpo_data, load_tofu_split, truncation_report
 from altpo.errors import UserError
 from altpo.model.loading import load_causal_lm, load_tokenizer
 from altpo.train.checkpoint import (
@@ -77,6 +77,7 @@ from altpo.train.run_folder import (
     trim_metrics,
 )
 from altpo.train.signals import stop_signals
+from altpo.train.methods import method_alternates, needs_reference, prepare_step
 from altpo.train.step import forward_backward
 
 __all__ = ["train", "TrainResult", "NonFiniteLossError"]
@@ -127,7 +128,7 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
     check_retain_overlap(forget_rows, retain_rows, config.forget_split, config.retain_split)
     retain_rows = retain_rows[: config.max_retain_rows]
     # alternates are checked against the whole split, then cut with it
-    alternates = load_alternates(config.alternates, forget_rows)[: config.max_forget_rows]
+    alternates = method_alternates(config, forget_rows)[: config.max_forget_rows]
     forget_rows = forget_rows[: config.max_forget_rows]
     data = build_altpo_data(tokenizer, forget_rows, alternates, retain_rows, fmt=fmt,
                             max_length=config.max_length)
@@ -195,9 +196,12 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
     ref, ref_model = None, None
     ref_path = Path(config.ref_cache).expanduser() if config.ref_cache else out / REF_CACHE_NAME
     with explain_oom(config, memory):
-        if config.reference == "cached" and scale.fsdp:
-            key = cache_key(model_hash, data.reference_fingerprint(), dtype)
+        if scale.fsdp:
             loss_module = scale.build(model, config, dist)  # sharded; the reference is the base model
+        if not needs_reference(config.method):
+            pass  # simnpo, graddiff, gradascent: no reference model at all
+        elif config.reference == "cached" and scale.fsdp:
+            key = cache_key(model_hash, data.reference_fingerprint(), dtype)
             ref = scale.reference(data, key, ref_path, budget, config, dist, say)
         elif config.reference == "cached":
             key = cache_key(model_hash, data.reference_fingerprint(), dtype)
@@ -278,7 +282,7 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
             rows = sampler.rows(step, dist.rank, dist.world)
-            units = forget_units(data, rows.pairs, *((ref.alternates, ref.forget) if ref else ()))
+            units = prepare_step(loss_module, data, config.method, rows, ref)
             if config.alpha > 0:  # with alpha 0 the retain rows would cost compute for nothing
                 units += retain_units(data, rows.retain)
             micro_batches = pack_micro_batches(units, budget)

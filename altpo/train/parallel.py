@@ -55,14 +55,13 @@ class ScaleOut:
 
     def build(self, model, config, dist):
         """The loss module; under LoRA with adapters in the model, under FSDP sharded."""
-        from altpo.train.step import PackedAltPOLoss
+        from altpo.train.methods import packed_loss_module
 
         if self.lora:
             from altpo.train.lora import add_lora
 
             self.peft_model = add_lora(model, config)
-        loss_module = PackedAltPOLoss(model, beta=config.beta, alpha=config.alpha,
-                                      gamma=config.gamma, loss_backend=config.loss_backend)
+        loss_module = packed_loss_module(model, config)  # altpo, or another method (methods.py)
         if self.fsdp:
             from altpo.train.fsdp import shard
 

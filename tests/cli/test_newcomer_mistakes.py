@@ -3,7 +3,6 @@ before any model loads; and what the commands print into a log file or a closed 
 
 import fractions
 import io
-import json
 import os
 import shutil
 import subprocess

@@ -8,7 +8,6 @@ import os
 import sys
 import time
 
-import torch
 
 from altpo.errors import UserError
 from altpo.train.distributed import Distributed
