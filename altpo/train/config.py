@@ -251,7 +251,7 @@ class TrainConfig:
         for name in ("model", "output"):
             if not getattr(self, name):
                 raise UserError(f"--{_flag(name)} is required ({_help(name).split('.')[0]})")
-        resolve_method_settings(self)  # the method's defaults for beta/alpha/gamma/delta
+        fill_method_defaults(self)  # the method's beta/alpha/gamma/delta where unset
         positive_ints = ("batch_size", "max_length")
         for name in positive_ints:
             if int(getattr(self, name)) < 1:
@@ -260,18 +260,19 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and int(value) < 1:
                 raise UserError(f"--{_flag(name)} must be at least 1, got {value}")
-        for name in FLOAT_SETTINGS:
-            if not math.isfinite(float(getattr(self, name))):
+        for name in FLOAT_SETTINGS:  # None: a setting the method does not use (e.g. delta)
+            if getattr(self, name) is not None and not math.isfinite(float(getattr(self, name))):
                 raise UserError(f"--{_flag(name)} must be a finite number, got {getattr(self, name)}")
         for name in ("lr", "beta", "epochs"):
             if getattr(self, name) is not None and not float(getattr(self, name)) > 0:
                 raise UserError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
         for name in ("alpha", "gamma", "weight_decay", "max_grad_norm", "warmup_epochs",
                      "save_every", "keep_checkpoints"):
-            if float(getattr(self, name)) < 0:
+            if getattr(self, name) is not None and float(getattr(self, name)) < 0:
                 raise UserError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
-        if float(self.alpha) == 0 and float(self.gamma) == 0:
+        if float(self.alpha or 0) == 0 and float(self.gamma or 0) == 0:
             raise UserError("--alpha and --gamma are both 0: the loss would be 0")
+        resolve_method_settings(self)  # refuses settings the method does not use
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= float(getattr(self, name)) < 1:
                 raise UserError(f"--{_flag(name)} must be in [0, 1), got {getattr(self, name)}")

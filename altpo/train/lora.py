@@ -71,7 +71,7 @@ def save_lora_outputs(out, peft_model, state: dict[str, torch.Tensor], tokenizer
     if not config.merge:
         return
     dtype = next(iter(state.values())).dtype
-    base = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
+    base = AutoModelForCausalLM.from_config(model.config, dtype=dtype, trust_remote_code=False)
     adapted = get_peft_model(base, lora_config(config), autocast_adapter_dtype=False)
     missing, unexpected = adapted.base_model.model.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if "rotary" not in k]:
