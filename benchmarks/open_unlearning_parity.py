@@ -61,8 +61,8 @@ def eval_numerics(data: Path, folder: Path, rows: int) -> None:
 
     from altpo.eval.tofu import evaluate_tofu
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False).eval()
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     tok.pad_token = tok.eos_token  # open-unlearning's setting for Llama-3 tokenizers (no pad token)
     out = {}
     for numerics in ("altpo-fast", "open-unlearning"):
@@ -93,13 +93,13 @@ def train_numerics(data: Path, folder: Path, steps: int, work: Path) -> None:
     from altpo.train.step import PackedAltPOLoss, forward_backward, sequence_logprobs, step_normalisers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     forget = load_tofu_split(data, "forget01")
     alts = load_alternates(data / ALTERNATES, forget)
     d = build_altpo_data(tok, forget, alts, load_tofu_split(data, "retain99")[:60])
 
     def one_step(numerics):
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False)
         enable_packed_attention(model, "sdpa")
         ref_alt = sequence_logprobs(model, [(a.input_ids, a.labels) for a in d.alternates], tokens_per_microbatch=4096)
         ref_fgt = sequence_logprobs(model, [(f.input_ids, f.labels) for f in d.forget], tokens_per_microbatch=4096)
@@ -156,7 +156,7 @@ def prompts(data: Path, folder: Path) -> None:
     from altpo.eval.alternates import ALTERNATE_PROMPT
     from altpo.eval.tofu import encode_prompt
 
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     row = load_tofu_split(data, "forget01")[0]
     ours = encode_prompt(tok, ALTERNATE_PROMPT.format(question=row["question"], answer=row["answer"]), ChatFormat())
     theirs = OU.prompt_ids(tok, row["question"], row["answer"])

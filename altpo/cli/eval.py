@@ -108,7 +108,7 @@ def _check(args) -> list[str]:
                             "retain model's TOFU_EVAL.json, or leave it out to skip forget_quality and privleak")
         try:
             logs = load_retain_logs(p)
-            _check_retain_logs_split(logs, args)
+            _check_retain_logs_split(logs, args, groups)
         except (FileNotFoundError, ValueError) as err:
             raise UserError(f"--retain-logs: {err}") from None
     out = Path(os.path.expanduser(args.output))
@@ -129,12 +129,12 @@ def _process_device(device: str) -> str:
     return device
 
 
-def _check_retain_logs_split(logs, args) -> None:
+def _check_retain_logs_split(logs, args, groups) -> None:
     """Logs of another forget split are refused (local data: the split's rows are counted)."""
     from altpo.eval.retain_logs_match import check_retain_logs_match
     from altpo.eval.tofu import load_tofu_rows
 
-    if "forget" in [g.strip() for g in args.metrics.split(",")] and Path(os.path.expanduser(args.data)).is_dir():
+    if "forget" in groups and Path(os.path.expanduser(args.data)).is_dir():
         rows = load_tofu_rows(args.data, f"{args.forget_split}_perturbed")
         check_retain_logs_match(logs, args.forget_split, len(rows))
 
