@@ -270,7 +270,7 @@ class TrainConfig:
                      "save_every", "keep_checkpoints"):
             if getattr(self, name) is not None and float(getattr(self, name)) < 0:
                 raise UserError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
-        if float(self.alpha or 0) == 0 and float(self.gamma or 0) == 0:
+        if self.method in METHOD_NAMES and float(self.alpha or 0) == 0 and float(self.gamma or 0) == 0:
             raise UserError("--alpha and --gamma are both 0: the loss would be 0")
         resolve_method_settings(self)  # refuses settings the method does not use
         for name in ("adam_beta1", "adam_beta2"):

@@ -134,7 +134,7 @@ def test_lora_trains_only_adapters_alike_on_one_and_two_sharded_processes(runs):
     b = _weights(tmp / "lora2" / "adapter", "adapter_model.safetensors")
     assert sorted(a) == sorted(b) and len(a) == 2 * 7 * 2  # 2 layers x 7 targets x (A, B)
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)  # fp32 tolerance (DESIGN: ~1e-5) after sharded steps
     assert max(float(a[n].abs().max()) for n in a if "lora_B" in n) > 1e-4  # B started at 0
 
     # the merged model is base + (alpha / r) B A on the targets and the base weights elsewhere
