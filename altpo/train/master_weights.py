@@ -71,6 +71,22 @@ def clip_coefficient(norm: torch.Tensor, max_norm: float | None) -> torch.Tensor
     return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
 
 
+def checked_grad_norm(names, params, chunk_numel: int, norm_reduce, clear_grads) -> torch.Tensor:
+    """The global gradient norm of ``params`` (summed over processes by ``norm_reduce`` when
+    given), checked before any update: a missing gradient raises ``RuntimeError`` naming it, and a
+    non-finite norm calls ``clear_grads`` and raises :class:`NonFiniteGradientError`."""
+    if any(p.grad is None for p in params):
+        missing = [n for n, p in zip(names, params) if p.grad is None][:3]
+        raise RuntimeError(f"parameters without a gradient: {', '.join(missing)}")
+    norm = global_grad_norm([p.grad for p in params], chunk_numel)
+    if norm_reduce is not None:
+        norm = norm_reduce(norm.square()).sqrt()
+    if not math.isfinite(float(norm)):
+        clear_grads()
+        raise NonFiniteGradientError(float(norm))
+    return norm
+
+
 class MixedPrecisionAdamW:
     """AdamW over ``named_parameters`` with exact updates for bf16/fp16 weights.
 
@@ -146,15 +162,8 @@ class MixedPrecisionAdamW:
         A non-finite gradient norm raises :class:`NonFiniteGradientError` before anything is
         updated (the gradients are cleared, the weights and state are untouched).
         """
-        if any(p.grad is None for p in self.params):
-            missing = [n for n, p in zip(self.names, self.params) if p.grad is None][:3]
-            raise RuntimeError(f"parameters without a gradient: {', '.join(missing)}")
-        norm = global_grad_norm([p.grad for p in self.params], self.chunk_numel)
-        if self.norm_reduce is not None:
-            norm = self.norm_reduce(norm.square()).sqrt()
-        if not math.isfinite(float(norm)):
-            self._clear_all_grads()
-            raise NonFiniteGradientError(float(norm))
+        norm = checked_grad_norm(self.names, self.params, self.chunk_numel, self.norm_reduce,
+                                 self._clear_all_grads)
         coef = clip_coefficient(norm, max_grad_norm)
         if coef is not None:
             coef = coef.to(self.params[0].device)

@@ -30,10 +30,9 @@ import torch
 from altpo.train.master_weights import (
     MASTER_WEIGHT_MODES,
     OPTIMIZER_CHUNK_NUMEL,
-    NonFiniteGradientError,
     _spans,
+    checked_grad_norm,
     clip_coefficient,
-    global_grad_norm,
 )
 
 UPDATE_MODES = ("cpu", "stream")
@@ -95,15 +94,8 @@ class OffloadedAdamW:
 
     def step(self, lr: float, max_grad_norm: float | None = None) -> float:
         """Clip, update with learning rate ``lr``, clear gradients; returns the pre-clip norm."""
-        if any(p.grad is None for p in self.params):
-            missing = [n for n, p in zip(self.names, self.params) if p.grad is None][:3]
-            raise RuntimeError(f"parameters without a gradient: {', '.join(missing)}")
-        norm = global_grad_norm([p.grad for p in self.params], self.chunk_numel)
-        if self.norm_reduce is not None:
-            norm = self.norm_reduce(norm.square()).sqrt()
-        if not math.isfinite(float(norm)):
-            self.zero_grad()
-            raise NonFiniteGradientError(float(norm))
+        norm = checked_grad_norm(self.names, self.params, self.chunk_numel, self.norm_reduce,
+                                 self.zero_grad)
         coef = clip_coefficient(norm, max_grad_norm)
         coef = float(coef) if coef is not None else None
         self.step_count += 1
