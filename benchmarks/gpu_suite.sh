@@ -55,11 +55,9 @@ log="$work/suite.log"
 t_start=$SECONDS
 say() { echo "[suite +$((SECONDS - t_start))s] $*" | tee -a "$log" >&2; }
 
-# The project's packages in place: altpo from the root, altpo_kernels from kernels/.
+# The project's packages in place: altpo from the root, altpo_kernels from kernels/altpo_kernels/.
 if ! "$PY" -c "import altpo_kernels, altpo" >/dev/null 2>&1; then
-    mkdir -p "$work/path"
-    ln -s "$root/kernels" "$work/path/altpo_kernels"
-    export PYTHONPATH="$root:$work/path${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH="$root:$root/kernels${PYTHONPATH:+:$PYTHONPATH}"
 fi
 if ls "$root"/.whl/*.whl >/dev/null 2>&1; then
     if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

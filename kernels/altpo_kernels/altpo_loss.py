@@ -2,7 +2,7 @@
 
 One log-prob pass over all packed tokens, segment sums per sequence, the pair and retain terms in
 float32, and in backward a single recompute pass where every token carries one coefficient
-``c_t = dL/d logp_t`` (DESIGN.md section 2). The per-pair arithmetic is a few hundred numbers, so it
+``c_t = dL/d logp_t`` (docs/design.md section 2). The per-pair arithmetic is a few hundred numbers, so it
 stays in torch; the per-token work (log-probs, segment sums, coefficient gather, dH/dW) runs in the
 selected backend.
 """

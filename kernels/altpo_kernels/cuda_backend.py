@@ -45,7 +45,7 @@ BUILD_COMMAND = "cmake -S . -B build && cmake --build build"
 LIBRARY_ENV = {"cuda": "ALTPO_CSRC_LIB", "host": "ALTPO_CSRC_HOST_LIB"}
 LIBRARY_FILE = {"cuda": "libaltpo_csrc.so", "host": "libaltpo_csrc_host.so"}
 ABI_VERSION = 1
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Forward tile: [TOKEN_CHUNK, VOCAB_BAND] fp32 logits, 64 MiB, reused for every (chunk, band). Each
 # torch.mm is then 2 * 2048 * 8192 * H flops (69 GFLOP at H = 2048), long enough for cuBLAS to

@@ -32,7 +32,7 @@ METHODS = PREFERENCE_METHODS + ("npo", "simnpo", "graddiff", "gradascent")
 
 #: Each method's hyper-parameters and their defaults: open-unlearning's configs/trainer/<Method>.yaml
 #: (DPO, NPO, SimNPO, GradDiff; GradAscent has no retain term there, so alpha 0), and the AltPO
-#: run of DESIGN.md section 2 (beta 0.5, alpha 2).
+#: run of docs/design.md section 2 (beta 0.5, alpha 2).
 METHOD_DEFAULTS: dict[str, dict[str, float]] = {
     "altpo": dict(beta=0.5, alpha=2.0, gamma=1.0),
     "dpo": dict(beta=0.1, alpha=1.0, gamma=1.0),

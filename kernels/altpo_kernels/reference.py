@@ -1,7 +1,7 @@
 """The spec: AltPO and per-token log-probs computed the obvious way, in float64.
 
 Every fast backend is tested against these functions. They materialise the full [N, V] logits, so
-they are for tests and small inputs only. The math is DESIGN.md section 2:
+they are for tests and small inputs only. The math is docs/design.md section 2:
 
     lp(seq)  = sum over the sequence's answer tokens of log softmax(h_t W^T)[label_t]
     delta_i  = [lp(win_i) - ref_win_i] - [lp(lose_i) - ref_lose_i]
