@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit("run it as a module from the repository root: python -m benchmarks.compile_report --help")
 
 from benchmarks.common import eprint, git_commit, write_json
 

@@ -16,7 +16,7 @@ for 16-bit inputs, 1e-4 for fp32) makes the script exit with status 1.
 
     bash scripts/build_csrc.sh                                    # once: build/libaltpo_csrc.so
     python -m benchmarks.cuda_vs_triton --out cuda_vs_triton.json # on a GPU
-    python benchmarks/cuda_vs_triton.py --quick                   # CPU: the host build of the
+    python -m benchmarks.cuda_vs_triton --quick                   # CPU: the host build of the
         # epilogues against the Triton interpreter, tiny shapes (a check of the plumbing and math)
 """
 
@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit("run it as a module from the repository root: python -m benchmarks.cuda_vs_triton --help")
 
 import torch
 

@@ -34,7 +34,7 @@ Memory: peak allocated above the inputs (see benchmarks/common.py for how, on CU
 CPU). ``--quick`` also measures the memory ratio of the torch backend against the materialised
 path at N=4096, H=256, V=32000 (forward + backward), each variant in a fresh subprocess.
 
-    python benchmarks/kernels.py --quick --out k.json
+    python -m benchmarks.kernels --quick --out k.json
     python -m benchmarks.kernels --out results/kernels.json        # on a GPU
 """
 
@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit("run it as a module from the repository root: python -m benchmarks.kernels --help")
 
 import torch
 import torch.nn.functional as F
@@ -129,7 +129,7 @@ def make_inputs(n: int, h: int, v: int, dtype: torch.dtype, device: torch.device
 
 
 def altpo_from_token_logps(token_logp, seq_ids, win, lose, retain, ref_win, ref_lose, num_seqs: int):
-    """The AltPO loss (DESIGN.md section 2) from per-token log-probs, in plain torch."""
+    """The AltPO loss (docs/design.md section 2) from per-token log-probs, in plain torch."""
     seq = torch.zeros(num_seqs, device=token_logp.device, dtype=torch.float32)
     seq = seq.index_add(0, seq_ids, token_logp.float())
     delta = (seq[win] - ref_win) - (seq[lose] - ref_lose)
@@ -295,7 +295,7 @@ class _DeriveBackward(Exception):
 # Largest N*V whose float64 reference (logits, their gradient) is computed: 4096 x 128256 on a
 # GPU is about 17 GB at peak; larger shapes are checked through the smaller ones.
 REFERENCE_MAX_NV = 4096 * 128256
-# Norm-relative error allowed against the float64 reference (DESIGN.md section 5).
+# Norm-relative error allowed against the float64 reference (docs/design.md section 3).
 TOLERANCE = {"float32": 1e-3, "bfloat16": 2e-2, "float16": 1e-2}
 
 

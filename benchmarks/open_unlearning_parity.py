@@ -1,7 +1,7 @@
 """The numbers of docs/open-unlearning.md: what each open-unlearning compatibility flag changes, on a
 tiny TOFU model made on the spot, and the published full-model log's MIA AUCs recomputed.
 
-    python benchmarks/open_unlearning_parity.py --data ../shared/data/tofu [--rows 20] [--steps 10]
+    python -m benchmarks.open_unlearning_parity --data fixtures/tofu [--rows 20] [--steps 10]
 
 Runs on a CPU in a few minutes. Prints markdown tables.
 """
@@ -15,7 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):
+    sys.exit("run it as a module from the repository root: python -m benchmarks.open_unlearning_parity --help")
 
 import torch  # noqa: E402
 
@@ -168,7 +169,7 @@ def prompts(data: Path, folder: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="TOFU folder (../shared/data/tofu)")
+    parser.add_argument("--data", required=True, help="TOFU folder (fixtures/tofu has every split and log it reads)")
     parser.add_argument("--rows", type=int, default=20, help="rows per split for the eval comparison")
     parser.add_argument("--steps", type=int, default=10, help="training steps per numerics mode")
     parser.add_argument("--finetune-epochs", type=int, default=30, help="fine-tuning of the tiny model")

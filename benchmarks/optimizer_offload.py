@@ -12,7 +12,7 @@ On a CPU-only machine "device" and "host" are the same memory, so the numbers me
 copies and the arithmetic of each placement, not PCIe transfers; on a GPU the same script measures
 the real thing.
 
-    python benchmarks/optimizer_offload.py --params 50e6          # about a minute on 2 CPU cores
+    python -m benchmarks.optimizer_offload --params 50e6          # about a minute on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit("run it as a module from the repository root: python -m benchmarks.optimizer_offload --help")
 
 import torch
 

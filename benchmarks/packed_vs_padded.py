@@ -23,7 +23,7 @@ run (weights, gradients, activations and the largest transient workspace of
 ``max_memory_allocated`` of the whole step, gradients allocated before it starts as in gradient
 accumulation.
 
-    python benchmarks/packed_vs_padded.py --quick --out r.json     # tiny model on the CPU, < 60 s
+    python -m benchmarks.packed_vs_padded --quick --out r.json     # tiny model on the CPU, < 60 s
     python -m benchmarks.packed_vs_padded --out results/packed_vs_padded.json   # a GPU: Llama-3.2-1B shape
 
 ``--quick`` divides every length by 8 (so "8k" means sequences up to 1024 tokens) and uses a
@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit("run it as a module from the repository root: python -m benchmarks.packed_vs_padded --help")
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM

@@ -19,7 +19,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit("run it as a module from the repository root: python -m benchmarks.report --help")
 
 from benchmarks.common import fmt, write_json
 

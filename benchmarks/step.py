@@ -1,6 +1,6 @@
 """Step benchmark: one AltPO optimizer step, altpo-fast against the recipes users would run instead.
 
-The workload is one step of the seed run (DESIGN.md section 2) on a Llama-3.2-1B-shaped model
+The workload is one step of the seed run (docs/design.md section 2) on a Llama-3.2-1B-shaped model
 built from a ``LlamaConfig`` with random weights (nothing is downloaded): 32 forget rows, each an
 (alternate, true answer) pair, and 32 retain rows, with TOFU's token lengths under the Llama-3
 chat template (``benchmarks/tofu_lengths.json``, measured by ``benchmarks/tofu_lengths.py``; token
@@ -32,7 +32,7 @@ the seed run's estimate: 310 steps plus whatever reference pass the variant need
 every alternate and forget answer once, packed; trl-style: every (alternate, answer) row,
 padded; open-unlearning: none, its reference runs inside every step).
 
-    python benchmarks/step.py --quick --out s.json     # tiny model on the CPU, seconds
+    python -m benchmarks.step --quick --out s.json     # tiny model on the CPU, seconds
     python -m benchmarks.step --out results/step.json  # on a GPU
 """
 
@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit("run it as a module from the repository root: python -m benchmarks.step --help")
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +66,7 @@ from benchmarks.common import (
     time_fn,
     write_json,
 )
-from benchmarks.tofu_lengths import DEFAULT_TOFU, TABLE_PATH, load_table, measure
+from benchmarks.tofu_lengths import TABLE_PATH, load_table, measure
 
 VARIANTS = ("altpo-fast", "open-unlearning", "trl-style")
 SEED_STEPS = 310
@@ -469,11 +469,13 @@ def parse_args(argv=None):
                    help="length table (default: the committed benchmarks/tofu_lengths.json)")
     p.add_argument("--tokenizer", help="measure lengths afresh from --tofu with this Llama-3 tokenizer "
                                        "(tokenizer.json, folder or hub name) instead of the table")
-    p.add_argument("--tofu", type=Path, default=DEFAULT_TOFU, help="TOFU folder for --tokenizer")
+    p.add_argument("--tofu", type=Path, help="a whole TOFU folder (JSON Lines) for --tokenizer")
     p.add_argument("--seed", type=int, default=0, help="which rows the step draws")
     p.add_argument("--worker-variant", help=argparse.SUPPRESS)
     p.add_argument("--worker-matmul-tflops", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.tokenizer and args.tofu is None:
+        p.error("--tokenizer measures lengths from a whole TOFU folder: pass --tofu DIR too")
     if args.steps is None:
         args.steps = 5 if args.quick else 3
     if args.tokens_per_microbatch is None:

@@ -6,12 +6,12 @@ token counts per row, plus summary statistics) to ``benchmarks/tofu_lengths.json
 committed, so the benchmark runs where neither the data nor the tokenizer is available. No TOFU
 text is stored.
 
-    python -m benchmarks.tofu_lengths --tofu ../shared/data/tofu --tokenizer PATH/tokenizer.json
+    python -m benchmarks.tofu_lengths --tofu PATH/TO/TOFU --tokenizer PATH/tokenizer.json
 
 ``--tokenizer`` takes a ``tokenizer.json`` file, a local tokenizer folder, or a hub name such as
 ``meta-llama/Llama-3.2-1B-Instruct`` (where the hub is reachable). The prompt is the Llama-3 chat
 template with the system prompt "You are a helpful assistant." and the date "10 Apr 2025" (the
-project's seed setup, DESIGN.md section 2) ending in the assistant header; the answer is the
+project's seed setup, docs/design.md section 2) ending in the assistant header; the answer is the
 answer text plus ``<|eot_id|>``, which is what the loss is taken on.
 """
 
@@ -24,10 +24,9 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit("run it as a module from the repository root: python -m benchmarks.tofu_lengths --help")
 
 TABLE_PATH = Path(__file__).resolve().parent / "tofu_lengths.json"
-DEFAULT_TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
 ALTERNATES = "alternates/llama3.2-3b-instruct/forget10/alt5_seed_0.json"
 SYSTEM_PROMPT = "You are a helpful assistant."
 DATE_STRING = "10 Apr 2025"
@@ -150,8 +149,9 @@ def load_table(path: Path = TABLE_PATH) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tofu", type=Path, default=DEFAULT_TOFU,
-                        help="TOFU folder (JSON Lines splits and alternates/); default ../shared/data/tofu")
+    parser.add_argument("--tofu", type=Path, required=True,
+                        help="a whole TOFU folder (JSON Lines splits and alternates/ with "
+                             f"{ALTERNATES}); the repository's fixtures/tofu is only a part of it")
     parser.add_argument("--tokenizer", required=True,
                         help="a Llama-3 tokenizer: tokenizer.json file, local folder or hub name")
     parser.add_argument("--out", type=Path, default=TABLE_PATH, help="where to write the table")

@@ -34,13 +34,13 @@ def outputs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def step_json(outputs):
     # one timed step, no warm-up: the smoke run checks the recipes, not their speed
-    return _run(["benchmarks/step.py", "--quick", "--steps", "1", "--warmup", "0"], outputs / "s.json")
+    return _run(["-m", "benchmarks.step", "--quick", "--steps", "1", "--warmup", "0"], outputs / "s.json")
 
 
 @pytest.fixture(scope="module")
 def kernels_json(outputs):
     # a smaller memory-ratio shape than the default 4096x256x32000, for CI time
-    return _run(["benchmarks/kernels.py", "--quick", "--budget", "0.02", "--ratio-shape", "1024,128,8000"],
+    return _run(["-m", "benchmarks.kernels", "--quick", "--budget", "0.02", "--ratio-shape", "1024,128,8000"],
                 outputs / "k.json")
 
 

@@ -14,7 +14,7 @@ from paths import REPO_ROOT
 def test_quick_mode_runs_the_host_epilogues(tmp_path):
     out = tmp_path / "q.json"
     env = dict(os.environ, ALTPO_CSRC_HOST_LIB=str(csrc_build.host_library()))
-    res = subprocess.run([sys.executable, "benchmarks/cuda_vs_triton.py", "--quick", "--backends", "cuda",
+    res = subprocess.run([sys.executable, "-m", "benchmarks.cuda_vs_triton", "--quick", "--backends", "cuda",
                           "--budget", "0.05", "--out", str(out)], cwd=REPO_ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
