@@ -4,7 +4,7 @@ It trains a byte-level BPE tokenizer (with the Llama-3 chat template) on the row
 builds a 2-layer Llama, and fine-tunes it on the forget split plus the first retain rows, so that
 AltPO has memorised answers to unlearn. The result is a save_pretrained folder:
 
-    python examples/tiny_tofu_model.py --data ../shared/data/tofu --output tiny-tofu-model
+    python examples/tiny_tofu_model.py --data fixtures/tofu --output runs/tiny-tofu-model
 
 With ``--finetune-epochs 0`` the weights stay random (seconds instead of minutes: enough to try
 the command line, not to see forgetting).
@@ -15,17 +15,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from altpo.model.tiny_llama import build_tiny_llama, build_tiny_tokenizer, save_tiny_model  # noqa: E402
-from altpo.data.tofu import load_alternates, load_tofu_split, texts_for_tokenizer  # noqa: E402
+from altpo.data.tofu import load_alternates, load_tofu_split, texts_for_tokenizer
+from altpo.errors import UserError
+from altpo.model.tiny_llama import build_tiny_llama, build_tiny_tokenizer, save_tiny_model
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="folder of TOFU JSON Lines splits")
+    parser.add_argument("--data", required=True, help="folder of TOFU JSON Lines splits (fixtures/tofu in this repository)")
     parser.add_argument("--forget-split", default="forget01", help="forget split (default forget01)")
     parser.add_argument("--retain-split", default="retain99", help="retain split (default retain99)")
     parser.add_argument("--retain-rows", type=int, default=200,
@@ -39,9 +37,13 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, help="folder to write the model and tokenizer to")
     args = parser.parse_args(argv)
 
-    forget = load_tofu_split(args.data, args.forget_split)
-    retain = load_tofu_split(args.data, args.retain_split)[: args.retain_rows]
-    alternates = load_alternates(args.alternates, forget) if args.alternates else []
+    try:
+        forget = load_tofu_split(args.data, args.forget_split)
+        retain = load_tofu_split(args.data, args.retain_split)[: args.retain_rows]
+        alternates = load_alternates(args.alternates, forget) if args.alternates else []
+    except (UserError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     tokenizer = build_tiny_tokenizer(texts_for_tokenizer(forget + retain, alternates), vocab_size=1024)
     model = build_tiny_llama(tokenizer, hidden_size=args.hidden_size, num_layers=args.layers,
                              num_heads=4, num_kv_heads=2, intermediate_size=2 * args.hidden_size)

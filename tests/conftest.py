@@ -12,15 +12,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from paths import REPO_ROOT, SHARED_TOFU  # noqa: E402,F401  (tests/ is on sys.path: conftest lives there)
+from paths import REPO_ROOT, TOFU_FIXTURE  # noqa: E402,F401  (tests/ is on sys.path: conftest lives there)
 
 
 @pytest.fixture
 def tofu_dir():
-    """The shared TOFU folder; tests that need it skip when it is absent."""
-    if not (SHARED_TOFU / "forget01.json").exists():
-        pytest.skip(f"shared TOFU data not found at {SHARED_TOFU}")
-    return SHARED_TOFU
+    """The TOFU fixture in the repository (fixtures/tofu): never absent, so no test skips for data."""
+    return TOFU_FIXTURE
 
 
 def kernel_device() -> str:

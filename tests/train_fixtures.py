@@ -1,4 +1,4 @@
-"""A tiny Llama and settings for trainer tests on the shared TOFU forget01/retain99 data.
+"""A tiny Llama and settings for trainer tests on the TOFU fixture's forget01/retain99 data.
 
 The tokenizer is trained on the rows the tests use; the model is saved and reloaded through
 ``from_pretrained`` by the trainer, like a real checkpoint.

@@ -4,8 +4,8 @@ Computes forget quality, model utility, the forget / retain / real-author / worl
 probabilities, ROUGE and truth ratios, the MIA AUCs with privleak, and extraction strength, as
 open-unlearning defines them, and prints a table of the headline metrics.
 
-    altpo-fast eval --model out/unlearned --data ../shared/data/tofu --forget-split forget10 \\
-        --retain-logs ../shared/data/tofu/eval_logs/tofu_Llama-3.2-1B-Instruct_retain90 \\
+    altpo-fast eval --model out/unlearned --data locuslab/TOFU --forget-split forget10 \\
+        --retain-logs fixtures/tofu/eval_logs/tofu_Llama-3.2-1B-Instruct_retain90 \\
         --output out/unlearned/evals
 
 forget_quality and privleak compare with the retain model's TOFU_EVAL.json (--retain-logs);
@@ -38,7 +38,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer folder or hub id, when it is not saved with the model")
     parser.add_argument("--data", required=True,
-                        help="folder of TOFU JSON Lines files (e.g. ../shared/data/tofu) or a hub id (locuslab/TOFU)")
+                        help="folder of TOFU JSON Lines files (e.g. fixtures/tofu) or a hub id (locuslab/TOFU)")
     parser.add_argument("--forget-split", default="forget10",
                         help="forget split: forget01, forget05 or forget10 (default forget10)")
     parser.add_argument("--holdout-split", default=None,

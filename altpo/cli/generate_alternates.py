@@ -5,7 +5,7 @@ its facts; K samples per question at temperature 1.0, at most 200 new tokens. Sa
 repeat the true answer are drawn again (--max-retries rounds). Each output row holds
 question, answer (the true one) and alternate.
 
-    altpo-fast generate-alternates --model out/full --data ../shared/data/tofu \\
+    altpo-fast generate-alternates --model out/full --data locuslab/TOFU \\
         --forget-split forget10 --k 5 --seed 0 --output out/alternates_forget10.jsonl
 
 --prompt open-unlearning uses open-unlearning's generate.py prompt instead (its raw Llama-3
@@ -38,7 +38,7 @@ def add_arguments(parser) -> None:
                         help="the starting model (finetuned on the full set): folder or hub id")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id, when not saved with the model")
     parser.add_argument("--data", required=True,
-                        help="folder of TOFU JSON Lines files (e.g. ../shared/data/tofu) or a hub id (locuslab/TOFU)")
+                        help="folder of TOFU JSON Lines files (e.g. fixtures/tofu) or a hub id (locuslab/TOFU)")
     parser.add_argument("--forget-split", default="forget10", help="forget split to answer (default forget10)")
     parser.add_argument("--k", type=int, default=5, help="alternates per question (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

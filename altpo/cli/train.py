@@ -14,10 +14,10 @@ Several processes: `torchrun --nproc-per-node N -m altpo.cli train ...` (data pa
 
 examples:
   altpo-fast train --preset tofu-llama-3.2-1b-forget10 --alternates alt.jsonl --output run1
-  altpo-fast train --model tiny-tofu-model --data ../shared/data/tofu --forget-split forget01 \\
+  altpo-fast train --model runs/tiny-tofu-model --data fixtures/tofu --forget-split forget01 \\
       --retain-split retain99 --max-retain-rows 200 --batch-size 8 --epochs 2 --lr 1e-3 \\
-      --alternates ../shared/data/tofu/alternates/llama2-7b/forget01/alt5_seed_0.json \\
-      --output tiny-tofu-run
+      --alternates fixtures/tofu/alternates/llama2-7b/forget01/alt5_seed_0.json \\
+      --output runs/tiny-tofu-run
   altpo-fast train ... --resume      # continue after an interruption (SIGTERM/Ctrl-C save one)
   altpo-fast train --preset tofu-llama-3.2-1b-forget10-npo --output npo-run   # NPO (docs/methods.md)
   altpo-fast train --method simnpo --model DIR --data DIR --output simnpo-run

@@ -1,13 +1,13 @@
 """TOFU data for AltPO: splits, alternate answers, and chat-template tokenisation.
 
 Splits come from a local folder of JSON Lines files in the hub's layout (``<folder>/<split>.json``,
-one object per line, as in ``../shared/data/tofu``) or from the hub (``locuslab/TOFU`` through
+one object per line, as in the repository's ``fixtures/tofu``) or from the hub (``locuslab/TOFU`` through
 ``datasets``). Alternate answers are JSON Lines rows with ``question``, ``answer`` and the
 alternate under ``alternate`` (open-unlearning's name) or ``sub_answer`` (the AltPO authors' name),
 K rows per forget question.
 
 Every (question, answer) becomes one token sequence through the tokenizer's own chat template
-(system prompt and ``date_string`` as in DESIGN.md section 2) with labels only on the answer and
+(system prompt and ``date_string`` as in docs/design.md section 2) with labels only on the answer and
 its end-of-turn token. :func:`encode_qa` is the one place that does this, so training, reference
 log-probs and evaluation score exactly the same tokens.
 """

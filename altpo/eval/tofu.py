@@ -1,8 +1,8 @@
 """TOFU evaluation of a causal LM, written in open-unlearning's ``TOFU_EVAL.json`` format.
 
     from altpo.eval.tofu import evaluate_tofu
-    summary = evaluate_tofu(model, tokenizer, "../shared/data/tofu", "forget10",
-                            retain_logs="../shared/data/tofu/eval_logs/tofu_Llama-3.2-1B-Instruct_retain90",
+    summary = evaluate_tofu(model, tokenizer, "locuslab/TOFU", "forget10",
+                            retain_logs="fixtures/tofu/eval_logs/tofu_Llama-3.2-1B-Instruct_retain90",
                             output_dir="eval_out")
 
 The model turns into per-row statistics here (answer log-probs through the fused
@@ -103,7 +103,7 @@ def check_tofu_source(data, names: Sequence[str]) -> None:
     if not folder.is_dir():
         raise FileNotFoundError(
             f"TOFU data folder {folder} does not exist; pass a folder of TOFU JSON Lines files "
-            "(e.g. ../shared/data/tofu) or a hub id such as locuslab/TOFU"
+            "(e.g. fixtures/tofu) or a hub id such as locuslab/TOFU"
         )
     missing = [n for n in names if _split_file(folder, n) is None]
     if missing:
@@ -153,7 +153,7 @@ def load_retain_logs(retain_logs) -> dict:
     if not p.is_file():
         raise FileNotFoundError(
             f"retain-model logs not found at {p}; pass the folder holding the retain model's "
-            "TOFU_EVAL.json (e.g. ../shared/data/tofu/eval_logs/tofu_Llama-3.2-1B-Instruct_retain90)"
+            "TOFU_EVAL.json (e.g. fixtures/tofu/eval_logs/tofu_Llama-3.2-1B-Instruct_retain90)"
         )
     try:
         logs = json.loads(p.read_text(encoding="utf-8"))

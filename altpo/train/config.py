@@ -42,7 +42,7 @@ class TrainConfig:
     tokenizer: str | None = _s(None, "Tokenizer folder or hub id (default: the model's). It needs a "
                                "chat template.", group="model and data", metavar="DIR|ID")
     data: str = _s("locuslab/TOFU", "TOFU data: a local folder of JSON Lines split files "
-                   "(<split>.json, e.g. ../shared/data/tofu) or a hub dataset id.",
+                   "(<split>.json, e.g. fixtures/tofu) or a hub dataset id.",
                    group="model and data", metavar="DIR|ID")
     forget_split: str = _s("forget10", "Forget split name (forget01, forget05, forget10).",
                            group="model and data", metavar="NAME")
@@ -345,7 +345,7 @@ def _help(name: str) -> str:
 # presets
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # DESIGN.md section 2: open-unlearning's AltPO run that made
+    # docs/design.md section 2: open-unlearning's AltPO run that made
     # unlearn_tofu_Llama-3.2-1B-Instruct_forget10_AltPO_lr1e-05_beta0.5_alpha2_epoch5
     "tofu-llama-3.2-1b-forget10": dict(
         model=SEED_MODEL, data="locuslab/TOFU", forget_split="forget10", retain_split="retain90",

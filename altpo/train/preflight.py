@@ -86,8 +86,8 @@ def check_sources(config) -> None:
     missing = [(flag, source) for flag, source, kind in hub if not _in_hub_cache(source, kind)]
     if missing:
         listed = ", ".join(f"{flag} {source}" for flag, source in missing)
-        extra = (" (--data defaults to the hub dataset locuslab/TOFU; pass a local folder such as "
-                 "../shared/data/tofu)" if any(f == "--data" for f, _ in missing) else "")
+        extra = (" (--data defaults to the hub dataset locuslab/TOFU; pass a local folder of its "
+                 "JSON Lines files, such as this repository's fixtures/tofu)" if any(f == "--data" for f, _ in missing) else "")
         raise UserError(f"the Hugging Face hub cannot be reached (offline, or HF_HUB_OFFLINE is "
                         f"set) and {listed} is not in the local cache{extra}; pass local folders "
                         "or connect to the network")

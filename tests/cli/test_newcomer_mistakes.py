@@ -17,17 +17,14 @@ import altpo.train.loop
 from altpo.cli import main
 from paths import REPO_ROOT
 from train_fixtures import ALTERNATES, base_settings, build_model_folder
+from paths import TOFU_FIXTURE
 
 RETAIN90_LOGS = "eval_logs/tofu_Llama-3.2-1B-Instruct_retain90"
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from conftest import SHARED_TOFU
-
-    if not (SHARED_TOFU / "forget01.json").exists():
-        pytest.skip(f"shared TOFU data not found at {SHARED_TOFU}")
-    return build_model_folder(SHARED_TOFU, tmp_path_factory.mktemp("tiny_newcomer_model"))
+    return build_model_folder(TOFU_FIXTURE, tmp_path_factory.mktemp("tiny_newcomer_model"))
 
 
 @pytest.fixture
@@ -166,8 +163,6 @@ def test_an_unknown_yaml_key_suggests_the_setting(tmp_path, capsys):
 
 def test_eval_refuses_retain_logs_of_another_forget_split(tofu_dir, model_dir, tmp_path, capsys):
     logs = tofu_dir / RETAIN90_LOGS
-    if not (logs / "TOFU_EVAL.json").exists():
-        pytest.skip("retain90 logs not in the shared data")
     _fails_fast(capsys, ["eval", "--model", str(model_dir), "--data", str(tofu_dir), "--forget-split",
                          "forget01", "--retain-logs", str(logs), "--output", str(tmp_path / "ev")],
                 "truth ratios for 400 forget questions (the size of forget10)",

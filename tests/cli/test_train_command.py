@@ -15,15 +15,12 @@ from altpo.cli import UserError, main
 from altpo.cli.train import add_arguments, config_from_args
 from altpo.train.config import FIELDS, PRESETS, TrainConfig, resolve_config
 from train_fixtures import ALTERNATES, base_settings, build_model_folder
+from paths import TOFU_FIXTURE
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from conftest import SHARED_TOFU
-
-    if not (SHARED_TOFU / "forget01.json").exists():
-        pytest.skip(f"shared TOFU data not found at {SHARED_TOFU}")
-    return build_model_folder(SHARED_TOFU, tmp_path_factory.mktemp("tiny_cmd_model"))
+    return build_model_folder(TOFU_FIXTURE, tmp_path_factory.mktemp("tiny_cmd_model"))
 
 
 def _argv(settings: dict) -> list[str]:

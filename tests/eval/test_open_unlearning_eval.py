@@ -15,7 +15,7 @@ from altpo.eval import open_unlearning_prompt as OU
 from altpo.eval.alternates import generate_alternates
 from altpo.eval.tofu import evaluate_tofu, load_tofu_rows
 from altpo.model.tiny_llama import build_tiny_llama, build_tiny_tokenizer, save_tiny_model
-from paths import REPO_ROOT, SHARED_TOFU
+from paths import REPO_ROOT, TOFU_FIXTURE
 
 ROWS = 3
 SYSTEM, DATE = "You are a helpful assistant.", "10 Apr 2025"
@@ -24,9 +24,7 @@ FULL_LOG = "eval_logs/tofu_Llama-3.2-1B-Instruct_full/evals_forget10/TOFU_EVAL.j
 
 @pytest.fixture(scope="module")
 def tofu():
-    if not (SHARED_TOFU / "forget10_perturbed.json").exists():
-        pytest.skip(f"shared TOFU data not found at {SHARED_TOFU}")
-    return SHARED_TOFU
+    return TOFU_FIXTURE
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The TOFU evaluation runner on a tiny random Llama and the first rows of the shared TOFU data:
+"""The TOFU evaluation runner on a tiny random Llama and the first rows of the TOFU fixture's data:
 output layout against open-unlearning's published retain90 log, and the numbers against an
 independent float64 computation from the model's full logits."""
 
@@ -12,8 +12,7 @@ import torch
 from altpo.cli import main as cli_main
 from altpo.model.tiny_llama import build_tiny_llama, build_tiny_tokenizer, save_tiny_model
 from altpo.eval.tofu import evaluate_tofu, load_tofu_rows
-from paths import SHARED_TOFU
-
+from paths import TOFU_FIXTURE
 ROWS = 4
 NEW_TOKENS = 6
 RETAIN90 = "eval_logs/tofu_Llama-3.2-1B-Instruct_retain90"
@@ -25,9 +24,7 @@ SYSTEM, DATE = "You are a helpful assistant.", "10 Apr 2025"
 
 @pytest.fixture(scope="module")
 def tofu():
-    if not (SHARED_TOFU / "forget10_perturbed.json").exists():
-        pytest.skip(f"shared TOFU data not found at {SHARED_TOFU}")
-    return SHARED_TOFU
+    return TOFU_FIXTURE
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 import fault_child
 from train_fixtures import base_settings, build_model_folder
+from paths import TOFU_FIXTURE
 
 KILLS = 20
 STEPS = 40
@@ -28,11 +29,7 @@ STEPS = 40
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from conftest import SHARED_TOFU
-
-    if not (SHARED_TOFU / "forget01.json").exists():
-        pytest.skip(f"shared TOFU data not found at {SHARED_TOFU}")
-    return build_model_folder(SHARED_TOFU, tmp_path_factory.mktemp("tiny_fault_model"))
+    return build_model_folder(TOFU_FIXTURE, tmp_path_factory.mktemp("tiny_fault_model"))
 
 
 def _last_record(out) -> dict:

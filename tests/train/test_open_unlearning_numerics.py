@@ -18,6 +18,7 @@ from altpo.train.numerics import check_grouping, grouped_forward_backward, group
 from altpo.train.step import PackedAltPOLoss, forward_backward, step_normalisers
 from altpo.data.packing import forget_units, pack_micro_batches, retain_units
 from train_fixtures import ALTERNATES, FORGET_ROWS, RETAIN_ROWS, base_settings, build_model_folder
+from paths import TOFU_FIXTURE
 
 BETA, ALPHA, GAMMA = 0.5, 2.0, 1.0
 BATCH, PER_DEVICE = 6, 3  # two loader micro-batches of three rows (odd sizes)
@@ -25,15 +26,11 @@ BATCH, PER_DEVICE = 6, 3  # two loader micro-batches of three rows (odd sizes)
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from paths import SHARED_TOFU
-
-    if not (SHARED_TOFU / "forget01.json").exists():
-        pytest.skip("shared TOFU data not found")
-    model_dir = build_model_folder(SHARED_TOFU, tmp_path_factory.mktemp("model"))
+    model_dir = build_model_folder(TOFU_FIXTURE, tmp_path_factory.mktemp("model"))
     tok = AutoTokenizer.from_pretrained(model_dir)
-    forget = load_tofu_split(SHARED_TOFU, "forget01")
-    alts = load_alternates(SHARED_TOFU / ALTERNATES, forget)[:FORGET_ROWS]
-    retain = load_tofu_split(SHARED_TOFU, "retain99")[:RETAIN_ROWS]
+    forget = load_tofu_split(TOFU_FIXTURE, "forget01")
+    alts = load_alternates(TOFU_FIXTURE / ALTERNATES, forget)[:FORGET_ROWS]
+    retain = load_tofu_split(TOFU_FIXTURE, "retain99")[:RETAIN_ROWS]
     data = build_altpo_data(tok, forget[:FORGET_ROWS], alts, retain)
     rows = StepSampler(data.num_pairs, len(data.retain), BATCH, seed=3).rows(1)
     # reference log-probs: fresh random values near the policy's own, so every pair has a real Delta
@@ -134,16 +131,12 @@ def test_loader_groups_and_grouping_errors():
 
 
 def test_training_with_open_unlearning_numerics(tmp_path):
-    from paths import SHARED_TOFU
-
-    if not (SHARED_TOFU / "forget01.json").exists():
-        pytest.skip("shared TOFU data not found")
-    model_dir = build_model_folder(SHARED_TOFU, tmp_path / "model")
-    settings = base_settings(SHARED_TOFU, model_dir, tmp_path / "run", max_steps=2, batch_size=4,
+    model_dir = build_model_folder(TOFU_FIXTURE, tmp_path / "model")
+    settings = base_settings(TOFU_FIXTURE, model_dir, tmp_path / "run", max_steps=2, batch_size=4,
                              numerics="open-unlearning", per_device_batch_size=2)
     result = train(TrainConfig(**settings))
     assert result.completed and result.history[-1]["loss"] > 0
-    bad = base_settings(SHARED_TOFU, model_dir, tmp_path / "bad", batch_size=5,
+    bad = base_settings(TOFU_FIXTURE, model_dir, tmp_path / "bad", batch_size=5,
                         numerics="open-unlearning", per_device_batch_size=2)
     with pytest.raises(UserError, match="--per-device-batch-size 2"):
         TrainConfig(**bad).validate()

@@ -8,17 +8,14 @@ from safetensors import safe_open
 from altpo.train import train
 from altpo.train.config import TrainConfig
 from train_fixtures import base_settings, build_model_folder
+from paths import TOFU_FIXTURE
 
 CACHE = "reference_logprobs.safetensors"
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from conftest import SHARED_TOFU
-
-    if not (SHARED_TOFU / "forget01.json").exists():
-        pytest.skip(f"shared TOFU data not found at {SHARED_TOFU}")
-    return build_model_folder(SHARED_TOFU, tmp_path_factory.mktemp("tiny_cache_model"))
+    return build_model_folder(TOFU_FIXTURE, tmp_path_factory.mktemp("tiny_cache_model"))
 
 
 def _stored(path):

@@ -1,4 +1,4 @@
-"""``altpo-fast train`` end to end on CPU: a tiny Llama on the shared TOFU forget01/retain99 data.
+"""``altpo-fast train`` end to end on CPU: a tiny Llama on the TOFU fixture's forget01/retain99 data.
 
 Covers: a few steps run and the forget answers' log-probs fall relative to the alternates'
 (measured with stock forwards, float64); the reference cache holds the starting model's log-probs
@@ -27,15 +27,12 @@ from train_fixtures import (
     build_model_folder,
     sequence_logprob_float64,
 )
+from paths import TOFU_FIXTURE
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from conftest import SHARED_TOFU
-
-    if not (SHARED_TOFU / "forget01.json").exists():
-        pytest.skip(f"shared TOFU data not found at {SHARED_TOFU}")
-    return build_model_folder(SHARED_TOFU, tmp_path_factory.mktemp("tiny_tofu_model"))
+    return build_model_folder(TOFU_FIXTURE, tmp_path_factory.mktemp("tiny_tofu_model"))
 
 
 def _pair_data(tofu_dir, model_dir):

@@ -1,4 +1,4 @@
-"""``altpo-fast train --method NAME`` on CPU: a tiny Llama on the shared TOFU forget01/retain99 data.
+"""``altpo-fast train --method NAME`` on CPU: a tiny Llama on the TOFU fixture's forget01/retain99 data.
 
 For every method: the first step's loss parts equal an independent float64 computation from stock
 forwards on the same rows (at step 1 the policy is the reference), the run finishes, and the
@@ -20,6 +20,7 @@ from altpo.errors import UserError
 from altpo.train import train
 from altpo.train.config import PRESETS, TrainConfig
 from train_fixtures import FORGET_ROWS, RETAIN_ROWS, base_settings, build_model_folder, sequence_logprob_float64
+from paths import TOFU_FIXTURE
 
 # a small retain weight: the tiny model is barely trained, so a strong retain NLL term would raise
 # every answer's probability, the forget answers' included, and hide the forget term's effect
@@ -29,11 +30,7 @@ HPARAMS = {"npo": dict(beta=0.5, alpha=0.2), "simnpo": dict(beta=0.2, delta=0.5,
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from conftest import SHARED_TOFU
-
-    if not (SHARED_TOFU / "forget01.json").exists():
-        pytest.skip(f"shared TOFU data not found at {SHARED_TOFU}")
-    return build_model_folder(SHARED_TOFU, tmp_path_factory.mktemp("tiny_tofu_model"))
+    return build_model_folder(TOFU_FIXTURE, tmp_path_factory.mktemp("tiny_tofu_model"))
 
 
 def _settings(tofu_dir, model_dir, out, method, **kw):

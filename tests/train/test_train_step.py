@@ -1,7 +1,7 @@
 """Packed equals unpacked: the trainer's step against each sequence run alone through stock HF.
 
 The reference runs transformers' own Llama forward (its SDPA attention, full logits) on every
-sequence separately, takes float64 log-softmax, and writes AltPO's loss out by hand (DESIGN.md
+sequence separately, takes float64 log-softmax, and writes AltPO's loss out by hand (docs/design.md
 section 2). The step under test packs the same sequences into several micro-batches, runs the
 backbone with packed attention and the fused loss with step-level normalisers.
 """
