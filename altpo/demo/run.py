@@ -38,7 +38,7 @@ SUMMARY_NAME = "demo_summary.json"
 PLOT_NAME = "demo_plot.png"
 COMPARE_PLOT_NAME = "demo_compare.png"  # --compare: the methods' TOFU metrics side by side
 
-# The two conditions the demo must meet (DESIGN: "it must really forget").
+# The two conditions the demo must meet (docs/design.md: the demo must really forget).
 FORGET_RATIO_LIMIT = 0.5
 RETAIN_RELATIVE_TOLERANCE = 0.10
 
