@@ -6,7 +6,10 @@
 # Needs cmake, a C++ compiler and nvcc (CUDA 12 or later; CI has 13.0). No GPU, no torch.
 #
 #   bash scripts/build_csrc.sh            # configure + build + ctest, in build/
+#   bash scripts/build_csrc.sh --clean    # from an empty build folder (what CI does)
 #   BUILD_DIR=/tmp/b bash scripts/build_csrc.sh
+#
+# Any failed step (configure, compile, link, ctest) fails the script with the tool's own output.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build="${BUILD_DIR:-$root/build}"
@@ -21,9 +24,26 @@ if [ -z "$nvcc_bin" ]; then
     exit 1
 fi
 
+if [ "${1:-}" = "--clean" ]; then
+    rm -rf "$build"
+fi
 start=$(date +%s)
-cmake -S "$root" -B "$build" -DALTPO_CSRC_CUDA=ON -DCMAKE_CUDA_COMPILER="$nvcc_bin" >/dev/null
-cmake --build "$build" -j "$jobs" 2>&1 | grep -E "error|warning|Used [0-9]+ registers|spill|Built target" || true
-test -f "$build/libaltpo_csrc.so" || { echo "build_csrc: build/libaltpo_csrc.so was not produced" >&2; exit 1; }
+log="$(mktemp)"
+run() {  # a build step: its output shown in full when it fails
+    if ! "$@" >"$log" 2>&1; then
+        cat "$log" >&2
+        echo "build_csrc: failed: $*" >&2
+        exit 1
+    fi
+}
+run cmake -S "$root" -B "$build" -DALTPO_CSRC_CUDA=ON -DCMAKE_CUDA_COMPILER="$nvcc_bin"
+run cmake --build "$build" -j "$jobs"
+# the register and spill lines of every kernel, and any warning
+grep -E "warning|Used [0-9]+ registers|spill|Built target" "$log" || echo "build_csrc: (no register report in the build log)"
+rm -f "$log"
+for lib in libaltpo_csrc.so libaltpo_csrc_host.so; do
+    test "$build/$lib" -nt "$root/kernels/csrc/altpo_csrc.h" \
+        || { echo "build_csrc: $build/$lib is missing or older than its sources" >&2; exit 1; }
+done
 ctest --test-dir "$build" --output-on-failure
 echo "build_csrc: configure + build + ctest in $(( $(date +%s) - start )) s ($build)"

@@ -10,6 +10,9 @@ A doc marks each generated block with the command that makes it:
 This script runs every such command (or those whose text contains ``--only``), from a scratch
 folder so that their outputs (``--output demo-out`` and the like) land there, and puts what the
 command printed on stdout in the block. Progress bars and notes go to stderr and are left out.
+Below each block it writes the versions it ran with (``Made with: torch ..., transformers ...``),
+since numbers such as the demo's depend on them; make them with the locked set (constraints.txt,
+which scripts/with-env.sh installs).
 
     bash scripts/with-env.sh python scripts/refresh_docs.py             # every block
     bash scripts/with-env.sh python scripts/refresh_docs.py --only plan # the planner's blocks
@@ -33,6 +36,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MARK = re.compile(r"<!-- output of: (?P<cmd>.+?) -->\n```(?P<lang>\w*)\n(?P<body>.*?)```\n", re.S)
 DOCS = ("README.md", "docs/*.md", "benchmarks/README.md")
+VERSIONS_OF = ("torch", "transformers", "tokenizers", "triton", "numpy", "scipy")
+VERSIONS_LINE = re.compile(r"\A\n?Made with: [^\n]*\n")
+
+
+def versions_line() -> str:
+    """The versions a block was made with, as the line the docs show under it."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = []
+    for name in VERSIONS_OF:
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            pass
+    return f"Made with: {', '.join(parts)}, Python {platform.python_version()}, {platform.machine()}.\n"
 
 
 @dataclass
@@ -82,8 +101,10 @@ def refresh(only: str | None = None, check: bool = False) -> list[Block]:
                 old = f"<!-- output of: {block.command} -->\n```"
                 start = text.index(old)
                 lang_end = text.index("\n", start + len(old)) + 1
-                end = text.index("```\n", lang_end)
-                block.path.write_text(text[:lang_end] + new + text[end:], encoding="utf-8")
+                end = text.index("```\n", lang_end) + len("```\n")
+                rest = VERSIONS_LINE.sub("", text[end:], count=1)
+                block.path.write_text(text[:lang_end] + new + "```\n\n" + versions_line() + rest,
+                                      encoding="utf-8")
     return stale
 
 
