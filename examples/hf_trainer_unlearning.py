@@ -22,11 +22,8 @@ import copy
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
-from altpo_kernels import answer_hidden_states, batch_answer_logprobs, unlearning_loss
+from altpo_kernels import answer_hidden_states, batch_answer_logprobs, get_method, unlearning_loss
 from altpo_kernels.hf import output_weight
-from altpo_kernels.unlearning_loss import PREFERENCE_METHODS
-
-REFERENCE_METHODS = PREFERENCE_METHODS + ("npo",)
 
 
 def pad_rows(rows: list[dict], pad_id: int = 0) -> dict:
@@ -59,17 +56,18 @@ class UnlearningTrainer(Trainer):
     def __init__(self, *args, method: str = "npo", method_kwargs: dict | None = None,
                  loss_backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
+        self.spec = get_method(method)  # a registered name, or your own file.py:NAME
         self.method, self.method_kwargs = method, dict(method_kwargs or {})
         self.loss_backend = loss_backend
         self.ref_model = None
-        if method in REFERENCE_METHODS:  # the frozen starting model
+        if self.spec.uses_reference:  # the frozen starting model
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
 
     def _group(self, inputs, group):
         return (inputs[f"{group}_input_ids"], inputs[f"{group}_attention_mask"], inputs[f"{group}_labels"])
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        groups = ["forget", "retain"] + (["chosen"] if self.method in PREFERENCE_METHODS else [])
+        groups = ["forget", "retain"] + (["chosen"] if self.spec.pairs else [])
         hidden, labels, seq_ids, first, offset = [], [], [], {}, 0
         for group in groups:
             states = answer_hidden_states(model, *self._group(inputs, group))
@@ -86,13 +84,13 @@ class UnlearningTrainer(Trainer):
             with torch.no_grad():
                 kw["ref_forget_logps"] = batch_answer_logprobs(
                     self.ref_model, *self._group(inputs, "forget"), backend=self.loss_backend).logps
-                if self.method in PREFERENCE_METHODS:
+                if self.spec.pairs:
                     kw["ref_chosen_logps"] = batch_answer_logprobs(
                         self.ref_model, *self._group(inputs, "chosen"), backend=self.loss_backend).logps
-        if self.method in PREFERENCE_METHODS:
+        if self.spec.pairs:
             kw["chosen_seqs"] = rows + first["chosen"]
         out = unlearning_loss(torch.cat(hidden), output_weight(model), torch.cat(labels),
-                              torch.cat(seq_ids), method=self.method, backend=self.loss_backend,
+                              torch.cat(seq_ids), method=self.spec, backend=self.loss_backend,
                               **self.method_kwargs, **kw)
         return (out.loss, out) if return_outputs else out.loss
 
@@ -122,7 +120,7 @@ def examples_for(method: str, n: int, vocab: int, seed: int = 0) -> list[dict]:
     out = []
     for i in range(n):
         e = {"forget": forget[i], "retain": retain[i]}
-        if method in PREFERENCE_METHODS:
+        if get_method(method).pairs:
             e["chosen"] = chosen[i]
         out.append(e)
     return out

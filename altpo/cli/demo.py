@@ -21,7 +21,7 @@ Exit status 0 when forgetting held (for every method with --compare), 1 when it 
 
 from __future__ import annotations
 
-from altpo_kernels.unlearning_loss import METHODS
+from altpo_kernels.methods import REGISTRY
 
 from altpo.demo.methods import COMPARE_METHODS
 from altpo.errors import UserError
@@ -43,7 +43,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=1, metavar="N",
                         help="torch CPU threads (default 1: the models are so small that more "
                         "threads gain little, and on busy cores they wait on each other)")
-    parser.add_argument("--method", default="altpo", choices=METHODS,
+    parser.add_argument("--method", default="altpo", choices=list(REGISTRY),
                         help="unlearning method (default altpo; docs/methods.md), with the "
                         "demo's recipe for it")
     parser.add_argument("--compare", action="store_true",

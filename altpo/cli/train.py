@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import sys
 
+from altpo.train.method_settings import NAMED_SETTINGS
 from altpo.train.config import (
     FIELDS,
     PRESETS,
@@ -72,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS,
                                help=meta["help"])
             continue
-        shown = "" if default is None else f" (default: {default})"
+        # the method's settings: their defaults are the method's (said in the help), not one number
+        shown = "" if default is None or f.name in NAMED_SETTINGS else f" (default: {default})"
         kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=meta["help"] + shown)
         if meta.get("choices"):
             kwargs["choices"] = meta["choices"]

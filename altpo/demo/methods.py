@@ -13,13 +13,10 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from altpo_kernels.unlearning_loss import METHODS
+from altpo_kernels.methods import REGISTRY
 
 #: What ``altpo-fast demo --compare`` runs.
 COMPARE_METHODS = ("altpo", "npo", "simnpo")
-
-_TITLES = {"altpo": "AltPO", "dpo": "DPO", "idkdpo": "IdkDPO", "npo": "NPO", "simnpo": "SimNPO",
-           "graddiff": "GradDiff", "gradascent": "GradAscent"}
 
 # Per method: learning rate, epochs over the forget rows (pairs for altpo/dpo), batch size and
 # the method's hyper-parameters. altpo's come from DemoConfig (altpo_lr, altpo_epochs, ...).
@@ -41,19 +38,19 @@ def check_methods(methods: Sequence[str]) -> list[str]:
     from altpo.demo.run import DemoError
 
     for m in methods:
-        if m not in METHODS:
-            raise DemoError(f"unknown method {m!r}; methods: {', '.join(METHODS)}")
+        if m not in REGISTRY:
+            raise DemoError(f"unknown method {m!r}; methods: {', '.join(REGISTRY)}")
     if len(set(methods)) != len(methods):
         raise DemoError(f"a method is listed twice: {', '.join(methods)}")
     return list(methods)
 
 
 def needs_alternates(method: str) -> bool:
-    return method in ("altpo", "dpo")
+    return REGISTRY[method].chosen == "alternates"
 
 
 def method_title(method: str) -> str:
-    return _TITLES.get(method, method)
+    return REGISTRY[method].title if method in REGISTRY else method
 
 
 def demo_recipe(config, method: str) -> dict:

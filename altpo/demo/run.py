@@ -246,8 +246,7 @@ def run_demo(output: str | Path = "altpo-demo", *, preset: str = "default",
         threads: torch CPU threads for the run (restored afterwards); None leaves torch's setting.
             Tiny models gain little from more threads, and threads that share busy cores wait on
             each other, so the default is one.
-        method: the unlearning method (``altpo``, ``npo``, ``simnpo``, ``idkdpo``, ``dpo``,
-            ``graddiff``, ``gradascent``; docs/methods.md), with the demo's recipe for it.
+        method: a registered unlearning method (docs/methods.md), with the demo's recipe for it.
         compare: several methods instead, each from the same full model (e.g.
             :data:`altpo.demo.methods.COMPARE_METHODS`); their metrics side by side in
             ``demo_compare.png`` and the summary's ``methods``.

@@ -19,8 +19,8 @@ from typing import Any
 
 from altpo.errors import UserError
 from altpo.data.tofu import DEFAULT_DATE_STRING, DEFAULT_SYSTEM_PROMPT
-from altpo.train.method_settings import (METHOD_NAMES, OPEN_UNLEARNING_PRESETS, fill_method_defaults,
-                                         resolve_method_settings)
+from altpo.train.method_settings import (OPEN_UNLEARNING_PRESETS, fill_method_defaults, method_help,
+                                         resolve_method_settings, setting_help)
 
 SEED_MODEL = "open-unlearning/tofu_Llama-3.2-1B-Instruct_full"
 DEFAULT_CPU_TOKENS_PER_MICROBATCH = 2048
@@ -78,21 +78,20 @@ class TrainConfig:
                                     f"on a CPU a fixed {DEFAULT_CPU_TOKENS_PER_MICROBATCH} (raised "
                                     "to the largest forget group when that is longer).",
                                     group="step", metavar="N|auto", kind="auto_int")
-    beta: float | None = _s(None, "Inverse temperature of the forget term (altpo, dpo, idkdpo, npo, "
-                            "simnpo). Default: the method's (altpo 0.5, dpo/idkdpo/npo 0.1, simnpo "
-                            "4.5).", group="step", metavar="X")
-    alpha: float | None = _s(None, "Weight of the retain NLL term. Default: the method's (altpo 2, "
-                             "gradascent 0, others 1).", group="step", metavar="X")
-    gamma: float | None = _s(None, "Weight of the forget term. Default: the method's (simnpo "
-                             "0.125, others 1).", group="step", metavar="X")
+    beta: float | None = _s(None, "Inverse temperature of the forget term. " + setting_help("beta"),
+                            group="step", metavar="X")
+    alpha: float | None = _s(None, "Weight of the retain NLL term. " + setting_help("alpha"),
+                             group="step", metavar="X")
+    gamma: float | None = _s(None, "Weight of the forget term. " + setting_help("gamma"),
+                             group="step", metavar="X")
 
     # unlearning method (docs/methods.md): the forget term, its data and its extra settings
-    method: str = _s("altpo", "Unlearning method: altpo (alternates preferred over the forget "
-                     "answers), dpo (the same loss with --alternates as the chosen answers), "
-                     "idkdpo (DPO whose chosen answers are \"I don't know\" variants from "
-                     "--idk-answers), npo, simnpo, graddiff, gradascent. All share the retain "
-                     "term with --alpha.", group="step", choices=METHOD_NAMES)
-    delta: float | None = _s(None, "SimNPO margin delta (default 0).", group="step", metavar="X")
+    method: str = _s("altpo", method_help(), group="step", metavar="NAME|FILE.py:NAME")
+    delta: float | None = _s(None, "Margin delta of the forget term. " + setting_help("delta"),
+                             group="step", metavar="X")
+    method_settings: str | None = _s(None, "Settings of your own method beyond beta/alpha/gamma/"
+                                     "delta: NAME=X[,NAME=X] (its defaults otherwise).",
+                                     group="step", metavar="NAME=X,...")
     idk_answers: str | None = _s(None, "idkdpo: \"I don't know\" answers, one per line (one is "
                                  "drawn per forget row with --seed). Default: idontknow.jsonl in "
                                  "the --data folder.", group="model and data", metavar="FILE")
@@ -270,9 +269,9 @@ class TrainConfig:
                      "save_every", "keep_checkpoints"):
             if getattr(self, name) is not None and float(getattr(self, name)) < 0:
                 raise UserError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
-        if self.method in METHOD_NAMES and float(self.alpha or 0) == 0 and float(self.gamma or 0) == 0:
+        resolve_method_settings(self)  # the method's record: unknown names and unused settings refused
+        if float(self.alpha or 0) == 0 and float(self.gamma or 0) == 0:
             raise UserError("--alpha and --gamma are both 0: the loss would be 0")
-        resolve_method_settings(self)  # refuses settings the method does not use
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= float(getattr(self, name)) < 1:
                 raise UserError(f"--{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
@@ -487,6 +486,6 @@ TRAJECTORY_SETTINGS = (
     "gamma", "lr", "epochs", "max_steps", "warmup_epochs", "weight_decay", "adam_beta1",
     "adam_beta2", "adam_eps", "max_grad_norm", "seed", "dtype", "master_weights", "reference",
     "lora_rank", "lora_alpha", "lora_targets",
-    "method", "delta", "idk_answers",  # unlearning method
+    "method", "delta", "method_settings", "idk_answers",  # unlearning method
 )
 TRAJECTORY_SETTINGS += ("numerics", "per_device_batch_size")  # open-unlearning parity

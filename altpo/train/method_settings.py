@@ -1,8 +1,9 @@
 """The unlearning method's settings: names, defaults filled into the config, and presets.
 
-``--method`` picks the forget term (docs/methods.md); ``--beta``, ``--alpha``, ``--gamma`` and
-``--delta`` left unset take that method's defaults (:data:`altpo_kernels.unlearning_loss.METHOD_DEFAULTS`,
-open-unlearning's values), and a hyper-parameter the method does not have is refused.
+``--method`` picks the method's record (:mod:`altpo_kernels.methods`: a registered name, or the
+user's own ``path/to/file.py:NAME``); ``--beta``, ``--alpha``, ``--gamma``, ``--delta`` and
+``--method-settings NAME=X,...`` left unset take its defaults (open-unlearning's values for the
+built-in methods), and a setting the method does not take is refused.
 
 The presets reproduce open-unlearning's published TOFU recipes for Llama-3.2-1B-Instruct, forget10
 (locuslab/open-unlearning at commit d3d7cf9e, December 2025):
@@ -21,21 +22,63 @@ The presets reproduce open-unlearning's published TOFU recipes for Llama-3.2-1B-
 
 from __future__ import annotations
 
-import difflib
+import re
 from typing import TYPE_CHECKING, Any
 
-from altpo_kernels.unlearning_loss import METHOD_DEFAULTS, METHODS, PREFERENCE_METHODS, method_hparams
+from altpo_kernels.methods import REGISTRY, Method, get_method
 
 from altpo.errors import UserError
 
 if TYPE_CHECKING:
     from altpo.train.config import TrainConfig
 
-METHOD_NAMES = METHODS
-#: Methods whose loss uses reference log-probs of the starting model.
-REFERENCE_METHODS = PREFERENCE_METHODS + ("npo",)
-#: Methods whose chosen answers come from --alternates.
-ALTERNATES_METHODS = ("altpo", "dpo")
+#: the settings TrainConfig has a flag of its own for; a method's others go in --method-settings
+NAMED_SETTINGS = ("beta", "alpha", "gamma", "delta")
+
+
+def method_help() -> str:
+    """--method's help text, from the registry."""
+    return (f"Unlearning method: {', '.join(REGISTRY)} (docs/methods.md), or your own: "
+            "path/to/file.py:NAME or package.module:NAME naming an altpo_kernels.Method (its own "
+            "settings with --method-settings). All share the retain term with --alpha.")
+
+
+def setting_help(name: str) -> str:
+    """'Default: the method's (altpo 0.5, dpo 0.1, ...)' for one setting, from the registry."""
+    by_value: dict[float, list[str]] = {}
+    for m in REGISTRY.values():
+        if name in m.defaults:
+            by_value.setdefault(m.defaults[name], []).append(m.name)
+    parts = [f"{'/'.join(names)} {value:g}" for value, names in by_value.items()]
+    return f"Default: the method's ({', '.join(parts)})."
+
+
+def _method(config: "TrainConfig") -> Method:
+    try:
+        return get_method(config.method)
+    except ValueError as err:
+        raise UserError(f"--method: {err}") from None
+
+
+def _extra_settings(config: "TrainConfig") -> dict[str, float]:
+    """--method-settings NAME=X,NAME=X as a dict (the user's method's own settings)."""
+    text = getattr(config, "method_settings", None)
+    out: dict[str, float] = {}
+    for item in str(text or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise UserError(f"--method-settings {text!r}: write NAME=NUMBER[,NAME=NUMBER], e.g. tau=0.5")
+        if name in NAMED_SETTINGS:
+            raise UserError(f"--method-settings {text!r}: {name} has its own flag: use --{name}")
+    return out
+
 
 _OPEN_UNLEARNING_RUN: dict[str, Any] = dict(
     model="open-unlearning/tofu_Llama-3.2-1B-Instruct_full", data="locuslab/TOFU",
@@ -59,36 +102,41 @@ OPEN_UNLEARNING_PRESETS: dict[str, dict[str, Any]] = {
 def fill_method_defaults(config: "TrainConfig") -> None:
     """Unset beta/alpha/gamma/delta take the method's defaults (at construction: code that reads
     a config before validation sees numbers). An unknown method is left for validation to report."""
-    for name, value in METHOD_DEFAULTS.get(config.method, {}).items():
-        if getattr(config, name) is None:
-            setattr(config, name, value)
+    try:
+        defaults = get_method(config.method).defaults
+    except Exception:  # noqa: BLE001  (reported by validate(), with the fix)
+        return
+    for name in NAMED_SETTINGS:
+        if getattr(config, name) is None and name in defaults:
+            setattr(config, name, float(defaults[name]))
 
 
 def resolve_method_settings(config: "TrainConfig") -> None:
     """Fill the method's defaults into ``config`` and refuse settings the method does not use."""
-    method = config.method
-    if method not in METHODS:
-        close = difflib.get_close_matches(str(method).lower(), METHODS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UserError(f"--method must be one of {', '.join(METHODS)}, got {method!r}{hint}")
-    given = {name: getattr(config, name) for name in ("beta", "alpha", "gamma", "delta")}
+    spec = _method(config)
+    given = {name: getattr(config, name) for name in NAMED_SETTINGS}
     try:
-        hp = method_hparams(method, **given)
+        hp = spec.hparams(**given, **_extra_settings(config))
     except ValueError as err:
-        raise UserError(f"--method {method}: {err}".replace("leave ", "drop --")) from None
-    for name in ("beta", "alpha", "gamma", "delta"):
+        text = re.sub(r"leave (\w+) unset", lambda m: f"drop --{m[1].replace('_', '-')}", str(err))
+        raise UserError(f"--method {config.method}: {text}") from None
+    for name in NAMED_SETTINGS:
         setattr(config, name, hp.get(name))
-    if method in ALTERNATES_METHODS and not config.alternates:
-        raise UserError(f"--alternates is required with --method {method}: JSON Lines with "
+    if spec.chosen == "alternates" and not config.alternates:
+        raise UserError(f"--alternates is required with --method {config.method}: JSON Lines with "
                         "question, answer and alternate (make them with `altpo-fast "
                         "generate-alternates`)")
-    if method not in ALTERNATES_METHODS and config.alternates:
-        raise UserError(f"--method {method} does not use --alternates; drop it (altpo and dpo do)")
-    if method != "idkdpo" and config.idk_answers:
-        raise UserError(f"--idk-answers is for --method idkdpo only; drop it with --method {method}")
+    if spec.chosen != "alternates" and config.alternates:
+        users = ", ".join(m.name for m in REGISTRY.values() if m.chosen == "alternates")
+        raise UserError(f"--method {config.method} does not use --alternates; drop it ({users} do)")
+    if spec.chosen != "idk" and config.idk_answers:
+        users = ", ".join(m.name for m in REGISTRY.values() if m.chosen == "idk")
+        raise UserError(f"--idk-answers is for --method {users} only; drop it with --method {config.method}")
 
 
 def loss_hparams(config: "TrainConfig") -> dict[str, float]:
-    """The resolved hyper-parameters the loss takes (only those the method has)."""
-    return method_hparams(config.method, beta=config.beta, alpha=config.alpha, gamma=config.gamma,
-                          delta=config.delta)
+    """The resolved settings the loss takes (only those the method has)."""
+    spec = _method(config)
+    given = {name: getattr(config, name) for name in NAMED_SETTINGS}
+    return spec.hparams(**{k: v for k, v in given.items() if k in spec.defaults},
+                        **_extra_settings(config))

@@ -1,13 +1,14 @@
-"""One AltPO optimizer step over packed micro-batches: backbone, fused loss, backward, update.
+"""One optimizer step over packed micro-batches: backbone, fused loss, backward, update.
 
-The model's backbone runs each packed row to its last hidden states; :func:`altpo_kernels.altpo_loss`
-turns them and the lm_head weight into the loss without materialising logits. Normalisers are
+The model's backbone runs each packed row to its last hidden states;
+:func:`altpo_kernels.unlearning_loss` turns them and the lm_head weight into the method's loss
+without materialising logits. Normalisers are
 those of the whole step (``num_pairs`` forget pairs and ``num_retain_tokens`` retain answer tokens
 over all micro-batches and all ranks), so summing micro-batch gradients gives the step's gradient
 exactly, whatever the packing.
 
 Public pieces (the trainer, the reference cache, evaluation and the step benchmark use them):
-:func:`last_hidden_states`, :class:`PackedAltPOLoss`, :func:`forward_backward`,
+:func:`last_hidden_states`, :class:`PackedLoss`, :func:`forward_backward`,
 :func:`sequence_logprobs`, :func:`altpo_step` and :func:`synthetic_step_units`.
 """
 
@@ -21,8 +22,9 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from altpo_kernels import altpo_loss, linear_logprobs
-from altpo_kernels.altpo_loss import AltPOLossOutput
+from altpo_kernels import linear_logprobs, unlearning_loss
+from altpo_kernels.methods import get_method
+from altpo_kernels.unlearning_loss import UnlearningLossOutput
 
 from altpo.model.packed_attention import packed_attention_kwargs
 from altpo.data.packing import (
@@ -54,45 +56,50 @@ def last_hidden_states(model, mb: MicroBatch) -> torch.Tensor:
     return out.last_hidden_state[0]
 
 
-def _retain_only_loss(hidden, weight, mb: MicroBatch, alpha: float, num_retain_tokens: float,
-                      backend: str) -> AltPOLossOutput:
-    # altpo_loss needs at least one pair; a micro-batch of retain rows only has just the NLL term.
-    # A retain row listed n times (drawn n times) weighs n times, as in altpo_loss.
-    weights = torch.zeros(len(mb.seq_lens), device=hidden.device)
-    weights.index_add_(0, mb.retain_seqs, torch.ones_like(mb.retain_seqs, dtype=weights.dtype))
-    token_logp = linear_logprobs(hidden, weight, mb.labels, backend=backend)
-    retain = -(token_logp * weights[mb.seq_ids]).sum() / float(num_retain_tokens)
-    zero = retain.new_zeros(())
-    empty = retain.new_zeros((0,))
-    return AltPOLossOutput(alpha * retain, zero.detach(), retain, empty, empty, empty, 0.0,
-                           float(num_retain_tokens))
+class PackedLoss(nn.Module):
+    """The model plus its method's loss: ``forward(micro_batch, num_forget, num_retain_tokens)``.
 
-
-class PackedAltPOLoss(nn.Module):
-    """The model plus the AltPO loss: ``forward(micro_batch, num_pairs, num_retain_tokens)``.
-
-    One module for the whole computation so that torch's DistributedDataParallel can wrap it: its
-    forward runs the backbone and the fused loss (which uses the lm_head weight), and every
-    parameter gets its gradient in the backward of that output.
+    One module for the whole computation so that torch's DistributedDataParallel (and FSDP) can
+    wrap it: its forward runs the backbone and the fused loss (which uses the lm_head weight), and
+    every parameter gets its gradient in the backward of that output. ``method`` is a registered
+    name, a ``file.py:NAME`` spec or an :class:`altpo_kernels.Method`; its record says which
+    micro-batch fields the loss reads. ``num_forget`` is the step's forget terms (pairs or forget
+    rows); a method normalised by forget tokens reads :attr:`num_forget_tokens`, set before each
+    step. The output speaks both vocabularies (``chosen_logps`` = ``win_logps``, ...).
     """
 
-    def __init__(self, model, *, beta: float = 0.5, alpha: float = 2.0, gamma: float = 1.0,
-                 loss_backend: str = "auto"):
+    def __init__(self, model, method="altpo", *, hparams: dict | None = None, beta=None,
+                 alpha=None, gamma=None, loss_backend: str = "auto"):
         super().__init__()
         self.model = model
-        self.beta, self.alpha, self.gamma, self.loss_backend = beta, alpha, gamma, loss_backend
+        self.spec = get_method(method)
+        self.method = self.spec.name
+        named = {k: v for k, v in dict(beta=beta, alpha=alpha, gamma=gamma).items() if v is not None}
+        self.hparams = self.spec.hparams(**{**(hparams or {}), **named})
+        self.loss_backend = loss_backend
+        self.num_forget_tokens = 1.0
 
-    def forward(self, mb: MicroBatch, num_pairs: float, num_retain_tokens: float) -> AltPOLossOutput:
+    def forward(self, mb: MicroBatch, num_pairs: float, num_retain_tokens: float) -> UnlearningLossOutput:
+        spec = self.spec
         hidden = last_hidden_states(self.model, mb)
-        weight = output_weight(self.model)
-        if mb.num_pairs == 0:
-            return _retain_only_loss(hidden, weight, mb, self.alpha, num_retain_tokens, self.loss_backend)
-        return altpo_loss(
-            hidden, weight, mb.labels, mb.seq_ids, mb.win_seqs, mb.lose_seqs, mb.retain_seqs,
-            mb.ref_win_logps, mb.ref_lose_logps, beta=self.beta, alpha=self.alpha, gamma=self.gamma,
-            num_pairs=num_pairs, num_retain_tokens=max(float(num_retain_tokens), 1.0),
-            backend=self.loss_backend,
-        )
+        kw = dict(forget_seqs=mb.lose_seqs, retain_seqs=mb.retain_seqs,
+                  num_retain_tokens=max(float(num_retain_tokens), 1.0))
+        if spec.pairs:
+            kw["chosen_seqs"] = mb.win_seqs
+        if spec.uses_reference:
+            kw["ref_forget_logps"] = mb.ref_lose_logps
+            if spec.pairs:
+                kw["ref_chosen_logps"] = mb.ref_win_logps
+        if spec.normaliser == "forget_tokens":
+            kw["num_forget_tokens"] = max(float(self.num_forget_tokens), 1.0)
+        else:
+            kw["num_forget"] = max(float(num_pairs), 1.0)
+        return unlearning_loss(hidden, output_weight(self.model), mb.labels, mb.seq_ids, method=spec,
+                               settings=self.hparams, backend=self.loss_backend, **kw)
+
+
+#: the name AltPO-only callers used (the same class; ``method`` defaults to altpo)
+PackedAltPOLoss = PackedLoss
 
 
 @dataclass
@@ -154,7 +161,7 @@ def forward_backward(loss_module: nn.Module, micro_batches: Sequence[MicroBatch]
                      ) -> StepStats:
     """Forward and backward of every micro-batch; gradients accumulate in the parameters.
 
-    ``loss_module`` is a :class:`PackedAltPOLoss` (or DDP around one). ``loss_scale`` multiplies
+    ``loss_module`` is a :class:`PackedLoss` (or DDP around one). ``loss_scale`` multiplies
     each backward (DDP averages gradients over ranks; the step-level normalisers want their sum,
     so the trainer passes the world size). ``no_sync`` is DDP's ``no_sync``: all but the last
     micro-batch skip the gradient all-reduce. ``before_forward`` may rewrite a micro-batch on
@@ -211,7 +218,7 @@ def step_normalisers(units: Sequence[PackUnit]) -> tuple[int, int]:
     return pairs, retain
 
 
-def altpo_step(loss_module: PackedAltPOLoss, optimizer, units: Sequence[PackUnit], *,
+def altpo_step(loss_module: PackedLoss, optimizer, units: Sequence[PackUnit], *,
                tokens_per_microbatch: int, lr: float, max_grad_norm: float | None = 1.0,
                device=None) -> StepStats:
     """One whole single-process optimizer step: pack, forward/backward, clip, update.

@@ -1,11 +1,12 @@
-"""The spec: AltPO and per-token log-probs computed the obvious way, in float64.
+"""The spec: per-token log-probs and every method's loss computed the obvious way, in float64.
 
-Every fast backend is tested against these functions. They materialise the full [N, V] logits, so
-they are for tests and small inputs only. The math is docs/design.md section 2:
+Every fast backend is tested against these functions. They materialise the full [N, V] logits and
+walk the sequences one at a time, so they are for tests and small inputs only. The math is
+docs/design.md section 2:
 
     lp(seq)  = sum over the sequence's answer tokens of log softmax(h_t W^T)[label_t]
-    delta_i  = [lp(win_i) - ref_win_i] - [lp(lose_i) - ref_lose_i]
-    L_forget = -(2 / beta) * sum_i log sigmoid(beta * delta_i) / num_pairs
+    L_forget = the method's forget terms (its float64 ``reference`` in altpo_kernels.methods),
+               summed, over the step's forget terms or forget answer tokens
     L_retain = -sum of retain answer-token log-probs / num_retain_tokens
     L        = gamma * L_forget + alpha * L_retain
 """
@@ -13,7 +14,8 @@ they are for tests and small inputs only. The math is docs/design.md section 2:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from .methods import SequenceLogprobs, get_method
 
 
 def linear_logprobs_reference(hidden, weight, labels, ignore_index: int = -100):
@@ -26,48 +28,69 @@ def linear_logprobs_reference(hidden, weight, labels, ignore_index: int = -100):
     return torch.where(valid, picked, torch.zeros_like(picked))
 
 
-def altpo_loss_reference(
-    hidden,
-    weight,
-    labels,
-    seq_ids,
-    win_seqs,
-    lose_seqs,
-    retain_seqs,
-    ref_win_logps,
-    ref_lose_logps,
-    *,
-    beta: float = 0.5,
-    alpha: float = 2.0,
-    gamma: float = 1.0,
-    num_pairs=None,
-    num_retain_tokens=None,
-    ignore_index: int = -100,
-) -> dict:
-    """The AltPO loss in float64, one sequence at a time. Returns a dict of float64 tensors."""
+def unlearning_loss_reference(hidden, weight, labels, seq_ids, *, method="altpo", forget_seqs,
+                              chosen_seqs=None, retain_seqs=None, ref_forget_logps=None,
+                              ref_chosen_logps=None, hparams: dict | None = None, num_forget=None,
+                              num_forget_tokens=None, num_retain_tokens=None,
+                              ignore_index: int = -100, **settings) -> dict:
+    """One method's loss in float64 (no input checks). ``hparams`` (or the settings as keywords)
+    default to the method's; its float64 ``reference`` term is used when it has one, else its own
+    forget term evaluated in float64. Returns a dict of float64 tensors and the normalisers."""
+    spec = get_method(method)
+    hp = dict(hparams) if hparams is not None else spec.hparams(**settings)
     token_logp = linear_logprobs_reference(hidden, weight, labels, ignore_index)
-    num_seqs = int(seq_ids.max().item()) + 1 if seq_ids.numel() else 0
-    num_seqs = max(num_seqs, int(torch.cat([win_seqs, lose_seqs, retain_seqs]).max().item()) + 1)
-    seq_logp = [token_logp[seq_ids == s].sum() for s in range(num_seqs)]
-    seq_tokens = [int(((seq_ids == s) & (labels != ignore_index)).sum()) for s in range(num_seqs)]
+    seq_list = [forget_seqs, retain_seqs, chosen_seqs]
+    top = max([int(t.max()) for t in seq_list if t is not None and len(t)] + [-1])
+    num_seqs = max(int(seq_ids.max()) + 1 if seq_ids.numel() else 0, top + 1)
+    seq_logp, seq_len = [], []
+    for s in range(num_seqs):
+        member = seq_ids == s
+        seq_logp.append(token_logp[member].sum())
+        seq_len.append(int((member & (labels != ignore_index)).sum()))
+    zero = torch.zeros((), dtype=torch.float64, device=token_logp.device)
+    empty = zero[None][:0]
 
-    win = torch.stack([seq_logp[int(s)] for s in win_seqs])
-    lose = torch.stack([seq_logp[int(s)] for s in lose_seqs])
-    delta = (win - ref_win_logps.double()) - (lose - ref_lose_logps.double())
-    pairs = len(win_seqs) if num_pairs is None else num_pairs
-    forget = -(2.0 / beta) * F.logsigmoid(beta * delta).sum() / pairs
+    def gather(seqs):
+        return torch.stack([seq_logp[int(s)] for s in seqs]) if seqs is not None and len(seqs) else empty
 
-    retain_sum = sum((seq_logp[int(s)] for s in retain_seqs), torch.zeros((), dtype=torch.float64))
-    retain_count = sum(seq_tokens[int(s)] for s in retain_seqs)
+    forget = gather(forget_seqs)
+    chosen = gather(chosen_seqs) if spec.pairs else empty
+    lengths = torch.tensor([max(seq_len[int(s)], 1) for s in forget_seqs], dtype=torch.float64,
+                           device=token_logp.device)
+    x = SequenceLogprobs(
+        forget=forget, lengths=lengths, chosen=chosen if spec.pairs else None,
+        ref_forget=ref_forget_logps.double() if spec.uses_reference else None,
+        ref_chosen=ref_chosen_logps.double() if spec.uses_reference and spec.pairs else None)
+    term = spec.reference or spec.forget_term
+    per_term, score = term(x, hp) if len(forget_seqs) else (empty, empty)
+    forget_tokens = sum(seq_len[int(s)] for s in forget_seqs)
+    if num_forget_tokens is not None:
+        forget_tokens = num_forget_tokens
+    terms = len(forget_seqs) if num_forget is None else num_forget
+    count = forget_tokens if spec.normaliser == "forget_tokens" else terms
+    forget_loss = per_term.double().sum() / count if len(forget_seqs) and count else zero
+
+    retain_seqs = [] if retain_seqs is None else retain_seqs
+    retain_sum = sum((seq_logp[int(s)] for s in retain_seqs), zero)
+    retain_count = sum(seq_len[int(s)] for s in retain_seqs)
     if num_retain_tokens is not None:
         retain_count = num_retain_tokens
-    retain = -retain_sum / retain_count if retain_count else retain_sum * 0.0
-    loss = gamma * forget + alpha * retain
-    return {
-        "loss": loss,
-        "forget_loss": forget,
-        "retain_loss": retain,
-        "win_logps": win,
-        "lose_logps": lose,
-        "token_logps": token_logp,
-    }
+    retain_loss = -retain_sum / retain_count if retain_count else zero
+    loss = hp["gamma"] * forget_loss + hp["alpha"] * retain_loss
+    return {"loss": loss, "forget_loss": forget_loss, "retain_loss": retain_loss,
+            "forget_logps": forget, "chosen_logps": chosen, "score": score.double(),
+            "token_logps": token_logp, "num_forget": float(terms),
+            "num_forget_tokens": float(forget_tokens), "num_retain_tokens": float(retain_count)}
+
+
+def altpo_loss_reference(hidden, weight, labels, seq_ids, win_seqs, lose_seqs, retain_seqs,
+                         ref_win_logps, ref_lose_logps, *, beta: float = 0.5, alpha: float = 2.0,
+                         gamma: float = 1.0, num_pairs=None, num_retain_tokens=None,
+                         ignore_index: int = -100) -> dict:
+    """The AltPO loss in float64, in AltPO's names (win = chosen, lose = forget)."""
+    out = unlearning_loss_reference(
+        hidden, weight, labels, seq_ids, method="altpo", forget_seqs=lose_seqs,
+        chosen_seqs=win_seqs, retain_seqs=retain_seqs, ref_forget_logps=ref_lose_logps,
+        ref_chosen_logps=ref_win_logps, hparams=dict(beta=beta, alpha=alpha, gamma=gamma),
+        num_forget=num_pairs, num_retain_tokens=num_retain_tokens, ignore_index=ignore_index)
+    return dict(out, win_logps=out["chosen_logps"], lose_logps=out["forget_logps"])

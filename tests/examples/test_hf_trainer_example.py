@@ -11,9 +11,8 @@ import torch
 
 from altpo.data.packing import ROLE_ALTERNATE, ROLE_FORGET, ROLE_RETAIN, PackUnit, num_loss_tokens, pack_micro_batches
 from altpo.model.packed_attention import enable_packed_attention
-from altpo.train.methods import PackedUnlearningLoss
-from altpo.train.step import PackedAltPOLoss, forward_backward, sequence_logprobs
-from altpo_kernels.unlearning_loss import METHOD_DEFAULTS, PREFERENCE_METHODS
+from altpo.train.step import PackedLoss, forward_backward, sequence_logprobs
+from altpo_kernels import METHODS, REGISTRY
 from paths import REPO_ROOT
 
 EXAMPLE = REPO_ROOT / "examples" / "hf_trainer_unlearning.py"
@@ -35,7 +34,7 @@ def _project_step(model, method, examples):
                              tokens_per_microbatch=4096, loss_backend="torch")
     units, k = [], 0
     for e in examples:
-        if method in PREFERENCE_METHODS:
+        if REGISTRY[method].pairs:
             rf, rc = float(refs[k]), float(refs[k + 1])
             k += 2
             units.append(PackUnit([seq(e["chosen"]), seq(e["forget"])], [ROLE_ALTERNATE, ROLE_FORGET],
@@ -45,17 +44,14 @@ def _project_step(model, method, examples):
             k += 1
             units.append(PackUnit([seq(e["forget"])], [ROLE_FORGET], [(0, 0)], [(rf, rf)]))
         units.append(PackUnit([seq(e["retain"])], [ROLE_RETAIN], retain=[0]))
-    if method == "altpo":
-        module = PackedAltPOLoss(model, loss_backend="torch")
-    else:
-        module = PackedUnlearningLoss(model, method, METHOD_DEFAULTS[method], loss_backend="torch")
-        module.num_forget_tokens = sum(num_loss_tokens(e["forget"]["labels"]) for e in examples)
+    module = PackedLoss(model, method, loss_backend="torch")
+    module.num_forget_tokens = sum(num_loss_tokens(e["forget"]["labels"]) for e in examples)
     stats = forward_backward(module, pack_micro_batches(units, 70), num_pairs=len(examples),
                              num_retain_tokens=sum(num_loss_tokens(e["retain"]["labels"]) for e in examples))
     return stats.loss, {n: p.grad for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("method", ["altpo", "idkdpo", "npo", "simnpo", "graddiff", "gradascent"])
+@pytest.mark.parametrize("method", METHODS)
 def test_trainer_loss_and_gradients_equal_the_project_trainer(method, tmp_path):
     from transformers import TrainingArguments
 

@@ -18,15 +18,22 @@ def batch():
     return random_packed_batch([5, 7, 6, 8], 3, 12, 30, torch.float32, "cpu", 3)
 
 
-@pytest.mark.parametrize("name, value", [
-    ("beta", math.nan), ("beta", math.inf), ("beta", 0.0),
-    ("alpha", math.nan), ("alpha", math.inf), ("alpha", -1.0),
-    ("gamma", math.nan), ("gamma", -0.5),
+NOT_FINITE = "must be a finite number"
+BETA_RANGE = r"must lie in \(0, 1e\+06\]"
+WEIGHT_RANGE = r"must lie in \[0, 1e\+06\]"
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("beta", math.nan, NOT_FINITE), ("beta", math.inf, NOT_FINITE), ("beta", 0.0, BETA_RANGE),
+    ("beta", -0.5, BETA_RANGE), ("beta", 1e38, BETA_RANGE),
+    ("alpha", math.nan, NOT_FINITE), ("alpha", math.inf, NOT_FINITE), ("alpha", -1.0, WEIGHT_RANGE),
+    ("gamma", math.nan, NOT_FINITE), ("gamma", -0.5, WEIGHT_RANGE), ("gamma", 1e300, WEIGHT_RANGE),
 ])
-def test_bad_hyperparameters_are_named(batch, name, value):
-    with pytest.raises(ValueError, match=f"^{name} must be a finite"):
+def test_bad_hyperparameters_are_named(batch, name, value, message):
+    """Each value is refused by the check named in ``message`` (a NaN is not blamed on a range)."""
+    with pytest.raises(ValueError, match=f"^{name} {message}"):
         altpo_loss(*[batch[k] for k in FIELDS], backend="torch", **{name: value})
-    with pytest.raises(ValueError, match=f"^{name} must be a finite"):
+    with pytest.raises(ValueError, match=f"^{name} {message}"):
         AltPOLoss(backend="torch", **{name: value})
 
 

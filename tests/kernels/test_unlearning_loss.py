@@ -1,5 +1,6 @@
-"""unlearning_loss: every method on every backend against the float64 reference (value, both
-gradients), split-call normalisers, the documented per-token coefficients, and input errors."""
+"""unlearning_loss: every registered method on every fused backend against its float64 reference
+(value, both gradients), split-call normalisers, the documented per-token coefficients (which also
+check the reference backend), settings at the edge of their range, and input errors."""
 
 import zlib
 
@@ -7,13 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from altpo_kernels import METHODS, UnlearningLoss, altpo_loss, unlearning_loss
-from altpo_kernels.methods_reference import unlearning_loss_reference
-from altpo_kernels.unlearning_loss import METHOD_DEFAULTS, PREFERENCE_METHODS
+from altpo_kernels import METHODS, REGISTRY, UnlearningLoss, altpo_loss, unlearning_loss
+from altpo_kernels.reference import unlearning_loss_reference
 from conftest import kernel_device
 from kernel_cases import random_packed_batch
 
-BACKENDS = ["torch", "triton", "reference"]
+BACKENDS = ["torch", "triton"]
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
 # non-default hyper-parameters, so a default silently taken instead would show
 HPARAMS = {
@@ -36,14 +36,14 @@ def method_batch(method, seq_lens, pairs, h, v, dtype, seed, retain=2):
     b = random_packed_batch(seq_lens, pairs, h, v, dtype, kernel_device(), seed, retain=retain)
     t = dict(hidden=b["hidden"], weight=b["weight"], labels=b["labels"], seq_ids=b["seq_ids"],
              retain_seqs=b["retain_seqs"])
-    if method in PREFERENCE_METHODS:
+    if REGISTRY[method].pairs:
         t.update(forget_seqs=b["lose_seqs"], chosen_seqs=b["win_seqs"],
                  ref_forget_logps=b["ref_lose_logps"], ref_chosen_logps=b["ref_win_logps"])
     else:
         # sequences 1 and 2 always have answer tokens
         extra = torch.tensor([1, 2], device=b["lose_seqs"].device)
         t["forget_seqs"] = torch.cat([b["lose_seqs"], extra, b["win_seqs"][:1]])
-        if method == "npo":
+        if REGISTRY[method].uses_reference:
             more = -torch.rand(3, generator=torch.Generator().manual_seed(seed)) * 20
             t["ref_forget_logps"] = torch.cat([b["ref_lose_logps"], more.to(extra.device)])
     return t
@@ -58,8 +58,8 @@ def run_reference(method, t, **kw):
     hidden, weight, labels, seq_ids, rest = _split(t)
     h = hidden.detach().double().requires_grad_()
     w = weight.detach().double().requires_grad_()
-    hp = {**METHOD_DEFAULTS[method], **kw.pop("hp", {})}
-    out = unlearning_loss_reference(h, w, labels, seq_ids, method=method, **rest, **hp, **kw)
+    hp = {**REGISTRY[method].defaults, **kw.pop("hp", {})}
+    out = unlearning_loss_reference(h, w, labels, seq_ids, method=method, hparams=hp, **rest, **kw)
     out["loss"].backward()
     return out, h.grad, w.grad
 
@@ -93,7 +93,7 @@ def test_matches_reference(method, backend):
     out, dh, dw = run_fused(method, t, backend, hp=dict(HPARAMS[method]))
     assert float(ref["loss"].detach()) != 0.0 and ref_dh.abs().sum() > 0
     check_close(out, dh, dw, ref, ref_dh, ref_dw, torch.float32)
-    assert out.hparams == {k: float(v) for k, v in {**METHOD_DEFAULTS[method], **HPARAMS[method]}.items()}
+    assert out.hparams == {k: float(v) for k, v in {**REGISTRY[method].defaults, **HPARAMS[method]}.items()}
 
 
 @pytest.mark.parametrize("method", ["npo", "simnpo", "graddiff", "idkdpo"])
@@ -106,7 +106,7 @@ def test_bf16_matches_reference(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 def test_two_calls_with_step_normalisers_equal_one_call(method, backend):
     """A step split over two micro-batches: the calls' losses and gradients add up to one call's."""
     a = method_batch(method, [7, 5, 9, 4], 2, 16, 50, torch.float32, 31, retain=1)
@@ -118,7 +118,7 @@ def test_two_calls_with_step_normalisers_equal_one_call(method, backend):
               for k in a}
     one, one_dh, one_dw = run_fused(method, joined, backend)
     norm = {"num_retain_tokens": one.num_retain_tokens}
-    if method in ("graddiff", "gradascent"):
+    if REGISTRY[method].normaliser == "forget_tokens":
         norm["num_forget_tokens"] = one.num_forget_tokens
     else:
         norm["num_forget"] = one.num_forget
@@ -149,7 +149,7 @@ def _documented_coefficients(method, t, hp):
     f = t["forget_seqs"]
     B = f.numel()
     beta, gamma, alpha = hp.get("beta"), hp["gamma"], hp["alpha"]
-    if method in PREFERENCE_METHODS:
+    if method in ("altpo", "dpo", "idkdpo"):
         c = t["chosen_seqs"]
         d = (lp[c] - t["ref_chosen_logps"].double()) - (lp[f] - t["ref_forget_logps"].double())
         sig = torch.sigmoid(-beta * d)
@@ -168,16 +168,18 @@ def _documented_coefficients(method, t, hp):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_gradient_is_documented_coefficient_times_onehot_minus_softmax(method):
-    """dH = sum_t c_t (W[label_t] - softmax(z_t) W), with c_t from the docs' closed form."""
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_gradient_is_documented_coefficient_times_onehot_minus_softmax(method, backend):
+    """dH = sum_t c_t (W[label_t] - softmax(z_t) W), with c_t from the docs' closed form: an
+    independent check of the fused path and of the float64 reference backend itself."""
     t = method_batch(method, [6, 9, 4, 8, 7], 3, 13, 41, torch.float64, 77)
-    hp = {**METHOD_DEFAULTS[method], **HPARAMS[method]}
+    hp = {**REGISTRY[method].defaults, **HPARAMS[method]}
     c = _documented_coefficients(method, t, hp)
     probs = torch.softmax(t["hidden"] @ t["weight"].T, dim=-1)
     onehot = F.one_hot(t["labels"].clamp(min=0), t["weight"].shape[0]).double()
     expected_dh = (c[:, None] * (onehot - probs)) @ t["weight"]
     _, dh, _ = run_fused(method, {k: (v.float() if v.is_floating_point() else v) for k, v in t.items()},
-                         "torch", hp=dict(HPARAMS[method]))
+                         backend, hp=dict(HPARAMS[method]))
     torch.testing.assert_close(dh.double(), expected_dh, rtol=1e-4, atol=1e-6)
 
 
@@ -207,17 +209,18 @@ def test_module_form_matches_function():
 
 @pytest.mark.parametrize("change, message", [
     (dict(method="npx"), "did you mean 'npo'"),
-    (dict(method="npo", delta=0.5), "no hyper-parameter delta"),
-    (dict(method="graddiff", beta=0.5), "no hyper-parameter beta"),
-    (dict(method="npo", beta=0.0), "beta must be positive"),
-    (dict(method="npo", alpha=-1.0), "alpha must not be negative"),
+    (dict(method="npo", delta=0.5), "has no setting delta"),
+    (dict(method="graddiff", beta=0.5), "has no setting beta"),
+    (dict(method="npo", beta=0.0), r"beta must lie in \(0, 1e\+06\]"),
+    (dict(method="npo", beta=1e38), r"beta must lie in \(0, 1e\+06\]"),
+    (dict(method="npo", alpha=-1.0), r"alpha must lie in \[0, 1e\+06\]"),
     (dict(method="simnpo", delta=float("nan")), "delta must be a finite number"),
     (dict(method="npo", chosen_seqs=torch.tensor([1])), "drop chosen_seqs"),
     (dict(method="npo", ref_forget_logps=None), "pass ref_forget_logps"),
     (dict(method="simnpo"), "uses no reference model"),
     (dict(method="dpo"), "pass chosen_seqs"),
     (dict(method="npo", num_forget=0), "num_forget must be a positive number"),
-    (dict(method="npo", num_forget_tokens=3), "normalises graddiff/gradascent only"),
+    (dict(method="npo", num_forget_tokens=3), "averages over forget terms: pass num_forget"),
     (dict(method="graddiff", ref_forget_logps=None, num_forget=2), "pass num_forget_tokens"),
     (dict(method="npo", forget_seqs=torch.tensor([0, 9])), "forget_seqs refers to sequence 9"),
     (dict(method="npo", ref_forget_logps=torch.zeros(3)), "one reference log-prob per forget term"),
@@ -229,3 +232,94 @@ def test_bad_input_names_the_argument(change, message):
     kw.update(change)
     with pytest.raises(ValueError, match=message):
         unlearning_loss(t["hidden"], t["weight"], t["labels"], t["seq_ids"], **kw)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if "beta" in REGISTRY[m].defaults])
+@pytest.mark.parametrize("beta", [1e-6, 1e6])
+def test_every_accepted_beta_gives_the_reference_value(method, beta):
+    """The per-term epilogue runs in float64: at the ends of the accepted range (where fp32 would
+    overflow beta * margin or 2 / beta) the fused loss is finite and equals the reference."""
+    t = method_batch(method, [5, 9, 3, 12, 7, 6, 1], 4, 19, 67, torch.float32, 11)
+    ref, ref_dh, _ = run_reference(method, t, hp=dict(beta=beta))
+    out, dh, _ = run_fused(method, t, "torch", hp=dict(beta=beta))
+    assert torch.isfinite(out.loss) and torch.isfinite(dh).all()
+    torch.testing.assert_close(out.loss.double(), ref["loss"].detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dh.double(), ref_dh, rtol=1e-3, atol=1e-4 * float(ref_dh.abs().max()))
+
+
+def test_every_registered_method_is_complete_and_documented():
+    from paths import REPO_ROOT
+
+    methods_doc = (REPO_ROOT / "docs" / "methods.md").read_text()
+    for name, spec in REGISTRY.items():
+        assert spec.name == name and spec.reference is not None, name
+        assert {"alpha", "gamma"} <= set(spec.defaults), name
+        assert f"| `{name}` |" in methods_doc, f"docs/methods.md has no table row for {name}"
+
+
+USER_METHOD = """
+import torch.nn.functional as F
+from altpo_kernels import Method
+
+
+def forget_term(x, hp):
+    # a margin loss on the length-normalised log-prob: push it below -tau
+    per_token = x.forget / x.lengths
+    return F.softplus(per_token + hp["tau"]), per_token
+
+
+def reference(x, hp):
+    import torch
+    per_token = x.forget.double() / x.lengths.double()
+    return torch.log1p(torch.exp(per_token + hp["tau"])), per_token
+
+
+HINGE = Method("hinge", "a soft hinge on the length-normalised forget log-prob",
+               dict(tau=2.0, alpha=1.0, gamma=1.0), forget_term, reference=reference, scales=())
+"""
+
+
+def test_a_method_from_the_users_file_trains_through_the_fused_kernel(tmp_path):
+    from altpo_kernels import check_method
+
+    path = tmp_path / "my_methods.py"
+    path.write_text(USER_METHOD)
+    spec = f"{path}:HINGE"
+    errors = check_method(spec, backend="torch", tau=1.5)
+    assert max(errors.values()) < 1e-4
+    t = method_batch("simnpo", [5, 9, 3, 12, 7, 6, 1], 4, 19, 67, torch.float32, 5)
+    hidden, weight, labels, seq_ids, rest = _split(t)
+    out = unlearning_loss(hidden, weight, labels, seq_ids, method=spec, settings=dict(tau=0.5),
+                          backend="torch", **rest)
+    assert out.method == "hinge" and out.hparams == dict(tau=0.5, alpha=1.0, gamma=1.0)
+    # the forget loss by hand: mean over terms of softplus(lp/n + tau), in float64
+    from altpo_kernels.reference import linear_logprobs_reference
+
+    token = linear_logprobs_reference(hidden, weight, labels)
+    lp = torch.zeros(int(seq_ids.max()) + 1, dtype=torch.float64).index_add_(0, seq_ids, token)
+    n = torch.zeros_like(lp).index_add_(0, seq_ids, (labels != -100).double()).clamp(min=1)
+    f = rest["forget_seqs"]
+    expected = torch.log1p(torch.exp(lp[f] / n[f] + 0.5)).mean()
+    assert float(out.forget_loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no_such_file.py:X", "file no_such_file.py not found"),
+    ("altpo_kernels:nothing_here", "is nothing, not an altpo_kernels.Method"),
+    ("altpo_kernels.methods:REGISTRY", "is a dict, not an altpo_kernels.Method"),
+    ("no_such_package.mod:X", "module 'no_such_package.mod' not found"),
+])
+def test_a_bad_method_spec_is_named(spec, message):
+    t = method_batch("simnpo", [5, 6, 4], 2, 8, 20, torch.float32, 3)
+    with pytest.raises(ValueError, match=message):
+        unlearning_loss(t["hidden"], t["weight"], t["labels"], t["seq_ids"], method=spec,
+                        forget_seqs=t["forget_seqs"], backend="torch")
+
+
+def test_a_method_without_reference_is_refused_by_the_self_check():
+    from altpo_kernels import Method, check_method
+
+    bare = Method("bare", "no reference", dict(alpha=1.0, gamma=1.0),
+                  lambda x, hp: (x.forget, x.forget), normaliser="forget_tokens")
+    with pytest.raises(AssertionError, match="no float64 reference"):
+        check_method(bare)

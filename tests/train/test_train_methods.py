@@ -105,7 +105,7 @@ def test_method_trains_from_the_expected_first_loss(tofu_dir, model_dir, tmp_pat
 
 @pytest.mark.parametrize("change, message", [
     (dict(method="npo", alternates="x.jsonl"), "does not use --alternates"),
-    (dict(method="graddiff", beta=0.3), "no hyper-parameter beta"),
+    (dict(method="graddiff", beta=0.3), "has no setting beta .*; drop --beta$"),
     (dict(method="simnpo", alpha=-1.0), "alpha must not be negative"),
     (dict(method="npo", idk_answers="idk.txt"), "--idk-answers is for --method idkdpo only"),
     (dict(method="dpo"), "--alternates is required with --method dpo"),
