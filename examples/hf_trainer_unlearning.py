@@ -1,17 +1,17 @@
 """Unlearning inside a transformers ``Trainer``: any method of altpo_kernels.unlearning_loss on
 padded batches, with the fused loss (no [tokens, vocab] logits are ever held).
 
-Each training example holds a forget row, a retain row and, for the pair methods (altpo, dpo,
-idkdpo), a chosen row; the collator pads each group as any HF data collator does
+Each training example holds a forget row, a retain row and, for the methods with a chosen side
+(``Method.chosen``), a chosen row; the collator pads each group as any HF data collator does
 (``input_ids``, ``attention_mask``, ``labels`` with -100 on prompt and padding).
 ``compute_loss`` turns every group into answer hidden states with
 :func:`altpo_kernels.answer_hidden_states` and hands them all to one
-:func:`altpo_kernels.unlearning_loss` call. Reference log-probs (altpo, dpo, idkdpo, npo) come
+:func:`altpo_kernels.unlearning_loss` call. Reference log-probs (methods whose record has uses_reference) come
 from a frozen copy of the starting model through :func:`altpo_kernels.batch_answer_logprobs`.
 
 Runs on the CPU in seconds with a tiny random Llama:
 
-    python examples/hf_trainer_unlearning.py --method npo --steps 4
+    python examples/hf_trainer_unlearning.py --method NAME --steps 4
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def collate(examples: list[dict]) -> dict:
 class UnlearningTrainer(Trainer):
     """A ``Trainer`` whose loss is ``unlearning_loss(method=...)`` over the collated groups."""
 
-    def __init__(self, *args, method: str = "npo", method_kwargs: dict | None = None,
+    def __init__(self, *args, method: str = "altpo", method_kwargs: dict | None = None,
                  loss_backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         self.spec = get_method(method)  # a registered name, or your own file.py:NAME
@@ -128,7 +128,7 @@ def examples_for(method: str, n: int, vocab: int, seed: int = 0) -> list[dict]:
 
 def main(argv=None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--method", default="npo")
+    parser.add_argument("--method", default="altpo", help="a registered method, or FILE.py:NAME")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--output", default=None, help="Trainer output_dir (default: a temp folder)")
     args = parser.parse_args(argv)

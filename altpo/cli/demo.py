@@ -9,7 +9,7 @@ retain_Q_A_Prob stays within 10 %.
 
     altpo-fast demo                      # writes ./altpo-demo
     altpo-fast demo --output /tmp/demo --small --seed 1
-    altpo-fast demo --method npo         # any method of docs/methods.md instead of AltPO
+    altpo-fast demo --method NAME        # any method of docs/methods.md instead of AltPO
     altpo-fast demo --compare            # AltPO, NPO and SimNPO from the same full model
 
 Output: data/, full_model/, retain_model/, alternates.jsonl, unlearned_model/ (the trainer's

@@ -19,8 +19,8 @@ examples:
       --alternates fixtures/tofu/alternates/llama2-7b/forget01/alt5_seed_0.json \\
       --output runs/tiny-tofu-run
   altpo-fast train ... --resume      # continue after an interruption (SIGTERM/Ctrl-C save one)
-  altpo-fast train --preset tofu-llama-3.2-1b-forget10-npo --output npo-run   # NPO (docs/methods.md)
-  altpo-fast train --method simnpo --model DIR --data DIR --output simnpo-run
+  altpo-fast train --method NAME --model DIR --data DIR --output run2   # another method (docs/methods.md)
+  altpo-fast train --method my_methods.py:HINGE ...    # your own method (docs/methods.md)
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               "open-unlearning/tofu_Llama-3.2-1B-Instruct_full, batch 32, lr 1e-5, "
                               "beta 0.5, alpha 2, 5 epochs, 1 warm-up epoch, bf16 with fp32 "
                               "master weights, seed 0); still needs --alternates and --output. "
-                              "tofu-llama-3.2-1b-forget10-{npo,simnpo,idkdpo,graddiff}: "
+                              "tofu-llama-3.2-1b-forget10-METHOD: "
                               "open-unlearning's published recipes of those methods (lr 1e-5, "
                               "batch 32, 10 epochs; docs/methods.md); they need --output only.")
     general.add_argument("--config", metavar="FILE.yaml", default=None,

@@ -92,9 +92,10 @@ class TrainConfig:
     method_settings: str | None = _s(None, "Settings of your own method beyond beta/alpha/gamma/"
                                      "delta: NAME=X[,NAME=X] (its defaults otherwise).",
                                      group="step", metavar="NAME=X,...")
-    idk_answers: str | None = _s(None, "idkdpo: \"I don't know\" answers, one per line (one is "
-                                 "drawn per forget row with --seed). Default: idontknow.jsonl in "
-                                 "the --data folder.", group="model and data", metavar="FILE")
+    idk_answers: str | None = _s(None, "For a method whose chosen answers are \"I don't know\" "
+                                 "variants: those answers, one per line (one is drawn per forget "
+                                 "row with --seed). Default: idontknow.jsonl in the --data folder.",
+                                 group="model and data", metavar="FILE")
 
     # optimisation
     lr: float = _s(1e-5, "Peak learning rate (AdamW).", group="optimisation")

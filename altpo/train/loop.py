@@ -199,7 +199,7 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
         if scale.fsdp:
             loss_module = scale.build(model, config, dist)  # sharded; the reference is the base model
         if not needs_reference(config.method):
-            pass  # simnpo, graddiff, gradascent: no reference model at all
+            pass  # a method without a reference: no reference model at all
         elif config.reference == "cached" and scale.fsdp:
             key = cache_key(model_hash, data.reference_fingerprint(), dtype)
             ref = scale.reference(data, key, ref_path, budget, config, dist, say)

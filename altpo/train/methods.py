@@ -63,7 +63,7 @@ def method_units(data, method: str, pair_ids: Sequence[int], ref=None) -> list[P
 
 
 def step_forget_tokens(data, step_pairs: Sequence[int]) -> int:
-    """Forget answer tokens of a whole step: graddiff/gradascent's token-mean normaliser."""
+    """Forget answer tokens of a whole step: the normaliser of methods normalised by tokens."""
     return sum(num_loss_tokens(data.forget[data.pair_question[p]].labels) for p in step_pairs)
 
 

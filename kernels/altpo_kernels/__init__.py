@@ -1,7 +1,7 @@
 """altpo_kernels: fused unlearning losses that never materialise the [tokens, vocab] logits.
 
     from altpo_kernels import linear_logprobs, altpo_loss, AltPOLoss
-    from altpo_kernels import unlearning_loss      # method="npo", "simnpo", "idkdpo", ...
+    from altpo_kernels import unlearning_loss      # method=any name of REGISTRY, or your own
     from altpo_kernels import Method, register_method, check_method   # your own method
     from altpo_kernels import packed_hidden_states, batch_answer_logprobs   # transformers models
 

@@ -52,9 +52,8 @@ class UnlearningLossOutput:
     ``forget_loss``/``retain_loss`` are this call's contributions under the given normalisers (the
     outputs of several calls that share them add up to the step's). ``forget_logps`` and
     ``chosen_logps`` are per forget term (detached fp32; ``chosen_logps`` empty without a chosen
-    side). ``score`` is per forget term what the method pushes on: the preference margin for
-    altpo/dpo/idkdpo, the log-ratio ``lp - lp_ref`` for npo, the length-normalised log-prob for
-    simnpo, graddiff and gradascent. ``hparams`` are the settings used (defaults filled in).
+    side). ``score`` is per forget term what the method pushes on (its record's forget term says:
+    a preference margin, a log-ratio ``lp - lp_ref``, a length-normalised log-prob). ``hparams`` are the settings used (defaults filled in).
     AltPO's names are kept as aliases: ``win_logps`` = ``chosen_logps``, ``lose_logps`` =
     ``forget_logps``, ``delta`` = ``score``, ``num_pairs`` = ``num_forget``.
     """
@@ -112,7 +111,7 @@ def _check_side(method: Method, side: str, seqs, ref, forget_seqs, num_seqs, hid
                              "answer: pass chosen_seqs (one chosen sequence per entry of forget_seqs)")
         if not method.pairs and seqs is not None:
             raise ValueError(f"method {method.name!r} has no chosen answers; drop chosen_seqs (or "
-                             "use a method with a chosen side, such as 'dpo' or 'altpo')")
+                             "use a method with a chosen side, such as 'altpo')")
         if seqs is not None:
             _check_seq_vector("chosen_seqs", seqs, num_seqs, length=forget_seqs.shape[0])
     if wants_ref:
@@ -183,8 +182,7 @@ def unlearning_loss(hidden, weight, labels, seq_ids, *, method="altpo", forget_s
         weight: [V, H] lm_head weight. labels: [N] int64, already shifted (``hidden[t]`` predicts
             ``labels[t]``), ``ignore_index`` on prompt and padding tokens.
         seq_ids: [N] index of the packed sequence each token belongs to.
-        method: a registered name (``"altpo"``, ``"dpo"``, ``"idkdpo"``, ``"npo"``, ``"simnpo"``,
-            ``"graddiff"``, ``"gradascent"``), a :class:`altpo_kernels.Method`, or
+        method: a registered name (:data:`altpo_kernels.REGISTRY`), a :class:`altpo_kernels.Method`, or
             ``"path/to/file.py:NAME"`` / ``"package.module:NAME"`` naming one.
         forget_seqs: [B] the forget-answer sequence of each forget term (a sequence may be listed
             several times; its gradient adds up). May be empty: then only the retain term.
