@@ -257,52 +257,6 @@ def test_every_registered_method_is_complete_and_documented():
         assert f"| `{name}` |" in methods_doc, f"docs/methods.md has no table row for {name}"
 
 
-USER_METHOD = """
-import torch.nn.functional as F
-from altpo_kernels import Method
-
-
-def forget_term(x, hp):
-    # a margin loss on the length-normalised log-prob: push it below -tau
-    per_token = x.forget / x.lengths
-    return F.softplus(per_token + hp["tau"]), per_token
-
-
-def reference(x, hp):
-    import torch
-    per_token = x.forget.double() / x.lengths.double()
-    return torch.log1p(torch.exp(per_token + hp["tau"])), per_token
-
-
-HINGE = Method("hinge", "a soft hinge on the length-normalised forget log-prob",
-               dict(tau=2.0, alpha=1.0, gamma=1.0), forget_term, reference=reference, scales=())
-"""
-
-
-def test_a_method_from_the_users_file_trains_through_the_fused_kernel(tmp_path):
-    from altpo_kernels import check_method
-
-    path = tmp_path / "my_methods.py"
-    path.write_text(USER_METHOD)
-    spec = f"{path}:HINGE"
-    errors = check_method(spec, backend="torch", tau=1.5)
-    assert max(errors.values()) < 1e-4
-    t = method_batch("simnpo", [5, 9, 3, 12, 7, 6, 1], 4, 19, 67, torch.float32, 5)
-    hidden, weight, labels, seq_ids, rest = _split(t)
-    out = unlearning_loss(hidden, weight, labels, seq_ids, method=spec, settings=dict(tau=0.5),
-                          backend="torch", **rest)
-    assert out.method == "hinge" and out.hparams == dict(tau=0.5, alpha=1.0, gamma=1.0)
-    # the forget loss by hand: mean over terms of softplus(lp/n + tau), in float64
-    from altpo_kernels.reference import linear_logprobs_reference
-
-    token = linear_logprobs_reference(hidden, weight, labels)
-    lp = torch.zeros(int(seq_ids.max()) + 1, dtype=torch.float64).index_add_(0, seq_ids, token)
-    n = torch.zeros_like(lp).index_add_(0, seq_ids, (labels != -100).double()).clamp(min=1)
-    f = rest["forget_seqs"]
-    expected = torch.log1p(torch.exp(lp[f] / n[f] + 0.5)).mean()
-    assert float(out.forget_loss) == pytest.approx(float(expected), rel=1e-5)
-
-
 @pytest.mark.parametrize("spec, message", [
     ("no_such_file.py:X", "file no_such_file.py not found"),
     ("altpo_kernels:nothing_here", "is nothing, not an altpo_kernels.Method"),

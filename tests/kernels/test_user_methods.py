@@ -8,7 +8,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+import torch
+
+from altpo_kernels import unlearning_loss
 from paths import REPO_ROOT, TOFU_FIXTURE
+from test_unlearning_loss import method_batch
 
 DOC = REPO_ROOT / "docs" / "methods.md"
 
@@ -61,6 +66,31 @@ def reference(x, hp):
 HINGE = Method("hinge", "Hinge", dict(tau=2.0, alpha=1.0, gamma=1.0), forget_term,
                reference=reference, scales=())
 '''
+
+
+def test_a_method_from_the_users_file_trains_through_the_fused_kernel(tmp_path):
+    from altpo_kernels import check_method
+
+    path = tmp_path / "my_methods.py"
+    path.write_text(USER_FILE)
+    spec = f"{path}:HINGE"
+    errors = check_method(spec, backend="torch", tau=1.5)
+    assert max(errors.values()) < 1e-4
+    t = method_batch("simnpo", [5, 9, 3, 12, 7, 6, 1], 4, 19, 67, torch.float32, 5)
+    hidden, weight, labels, seq_ids = (t.pop(k) for k in ("hidden", "weight", "labels", "seq_ids"))
+    rest = t
+    out = unlearning_loss(hidden, weight, labels, seq_ids, method=spec, settings=dict(tau=0.5),
+                          backend="torch", **rest)
+    assert out.method == "hinge" and out.hparams == dict(tau=0.5, alpha=1.0, gamma=1.0)
+    # the forget loss by hand: mean over terms of softplus(lp/n + tau), in float64
+    from altpo_kernels.reference import linear_logprobs_reference
+
+    token = linear_logprobs_reference(hidden, weight, labels)
+    lp = torch.zeros(int(seq_ids.max()) + 1, dtype=torch.float64).index_add_(0, seq_ids, token)
+    n = torch.zeros_like(lp).index_add_(0, seq_ids, (labels != -100).double()).clamp(min=1)
+    f = rest["forget_seqs"]
+    expected = torch.log1p(torch.exp(lp[f] / n[f] + 0.5)).mean()
+    assert float(out.forget_loss) == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_train_runs_a_method_from_the_users_file(tmp_path):
