@@ -19,7 +19,7 @@ tokens/s counts real tokens only (the same for both ways). Peak memory: CUDA
 ``torch.cuda.max_memory_allocated`` above the level at the start of the step; on the CPU the
 resident-set high-water mark (coarser). On CUDA, the memory planner's prediction for each packed
 run (weights, gradients, activations and the largest transient workspace of
-``altpo.train.memory_plan``; no optimizer state exists in this benchmark) is set against
+``altpo.plan.memory_plan``; no optimizer state exists in this benchmark) is set against
 ``max_memory_allocated`` of the whole step, gradients allocated before it starts as in gradient
 accumulation.
 
@@ -44,7 +44,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from altpo.model.activation_checkpointing import enable_activation_checkpointing
-from altpo.train.memory_plan import NAMED_SHAPES, plan_memory, shape_from_config
+from altpo.plan.memory_plan import NAMED_SHAPES, plan_memory, shape_from_config
 from altpo.model.packed_attention import enable_packed_attention, packed_attention_kwargs, packed_position_ids
 from altpo_kernels import linear_logprobs
 from benchmarks.common import (

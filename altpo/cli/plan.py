@@ -21,8 +21,8 @@ import json
 import sys
 
 from altpo.errors import UserError
-from altpo.train.memory_plan_parallel import DEFAULT_LORA_TARGETS
-from altpo.train.memory_plan import (
+from altpo.plan.memory_plan_parallel import DEFAULT_LORA_TARGETS
+from altpo.plan.memory_plan import (
     CHECKPOINTING_MODES,
     DEFAULT_MAX_SEQ_LEN,
     DEFAULT_TOKENS_PER_STEP,

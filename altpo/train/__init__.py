@@ -1,8 +1,8 @@
 """Training: the loop (``loop``) and the parts it uses, one module each: settings (``config``),
 the packed forward/backward of one step (``step``), exact bf16 AdamW (``master_weights``), the
 update inside backward (``optimizer_in_backward``), checkpoints (``checkpoint``), the cached
-reference log-probs (``reference_cache``), memory settings and the planner (``memory``,
-``memory_plan``), the output folder (``run_folder``), several processes (``distributed``),
+reference log-probs (``reference_cache``), memory settings (``memory``, which asks the planner in
+:mod:`altpo.plan`), the output folder (``run_folder``), several processes (``distributed``),
 signals (``signals``) and what a run prints and records (``report``).
 
     from altpo.train import train, TrainConfig

@@ -32,7 +32,7 @@ class MemorySettings:
     checkpointing: str          # none | layers | offload
     master_weights: str         # fp32 | kahan | none
     optimizer_in_backward: bool = False
-    plan: object = None         # altpo.train.memory_plan.MemoryPlan when the planner was used
+    plan: object = None         # altpo.plan.memory_plan.MemoryPlan when the planner was used
     source: str = "settings"
 
     def forward_context(self, device):
@@ -50,7 +50,7 @@ def memory_settings(config: TrainConfig, model, dtype, device, data, sampler,
                      lora: bool = False, offload: bool = False) -> MemorySettings:
     """Token budget, checkpointing and master weights: the flags, else the planner, else defaults.
 
-    The planner (``altpo.train.memory_plan``) runs on a CUDA device when any of the three is ``auto``,
+    The planner (``altpo.plan.memory_plan``) runs on a CUDA device when any of the three is ``auto``,
     against the memory free before the model is moved there. On a CPU, ``auto`` means a fixed
     budget, no checkpointing and fp32 master weights. A resumed run keeps the master-weights mode
     its optimizer state was saved in.
@@ -75,7 +75,7 @@ def memory_settings(config: TrainConfig, model, dtype, device, data, sampler,
         checkpointing = plan.checkpointing_mode if checkpointing == "auto" else checkpointing
         master = plan.master_weights if master == "auto" else master
         in_backward = plan.optimizer_in_backward if in_backward == "auto" else in_backward
-        source = "altpo.train.memory_plan"
+        source = "altpo.plan.memory_plan"
     else:
         tokens = fixed_tokens or (DEFAULT_GPU_TOKENS_PER_MICROBATCH if device.type == "cuda"
                                   else DEFAULT_CPU_TOKENS_PER_MICROBATCH)
@@ -95,7 +95,7 @@ def memory_settings(config: TrainConfig, model, dtype, device, data, sampler,
 def _plan_memory(config, model, dtype, device, data, sampler, need, fixed_tokens, checkpointing,
                  master, in_backward, gpus=1, parallel="ddp"):
     try:
-        from altpo.train import memory_plan
+        from altpo.plan import memory_plan
     except ImportError:  # the planner is optional: defaults apply without it
         return None
     free = int(torch.cuda.mem_get_info(device)[0])

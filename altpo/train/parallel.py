@@ -144,7 +144,7 @@ def _single_process_group(dist) -> None:
 
 def _ddp_fits(config, model, dtype, dist) -> bool:
     """Whether the planner fits one whole model (ddp) into this GPU's free memory."""
-    from altpo.train import memory_plan
+    from altpo.plan import memory_plan
 
     free = int(torch.cuda.mem_get_info(dist.device)[0])
     plan = memory_plan.plan_memory(

@@ -9,13 +9,12 @@ exactly, whatever the packing.
 
 Public pieces (the trainer, the reference cache, evaluation and the step benchmark use them):
 :func:`last_hidden_states`, :class:`PackedLoss`, :func:`forward_backward`,
-:func:`sequence_logprobs`, :func:`altpo_step` and :func:`synthetic_step_units`.
+:func:`sequence_logprobs` and :func:`altpo_step`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import random
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -28,9 +27,6 @@ from altpo_kernels.unlearning_loss import UnlearningLossOutput
 
 from altpo.model.packed_attention import packed_attention_kwargs
 from altpo.data.packing import (
-    ROLE_ALTERNATE,
-    ROLE_FORGET,
-    ROLE_RETAIN,
     MicroBatch,
     PackUnit,
     num_loss_tokens,
@@ -233,45 +229,3 @@ def altpo_step(loss_module: PackedLoss, optimizer, units: Sequence[PackUnit], *,
                              num_retain_tokens=num_retain_tokens, device=device)
     stats.grad_norm = optimizer.step(lr, max_grad_norm)
     return stats
-
-
-def synthetic_step_units(vocab_size: int, *, batch_size: int = 32, num_questions: int = 400,
-                         alternates_per_question: int = 5,
-                         lengths: Sequence[tuple[int, int]] = ((60, 50),),
-                         seed: int = 0) -> list[PackUnit]:
-    """A step of random token sequences shaped like AltPO's: for benchmarks.
-
-    ``batch_size`` pairs drawn from ``num_questions x alternates_per_question`` (grouped by
-    question as the trainer groups them), and ``batch_size`` retain rows. Each sequence draws a
-    (prompt length, answer length) from ``lengths``; labels cover the answer part. Reference
-    log-probs are random plausible values (about -2 per answer token).
-    """
-    rng = random.Random(seed)
-    g = torch.Generator().manual_seed(seed)
-
-    def sequence():
-        prompt, answer = rng.choice(list(lengths))
-        ids = torch.randint(0, vocab_size, (prompt + answer,), generator=g).tolist()
-        return ids, [-100] * prompt + ids[prompt:]
-
-    def ref_logp(seq):
-        return -2.0 * num_loss_tokens(seq[1]) * (0.5 + rng.random())
-
-    chosen = rng.sample(range(num_questions * alternates_per_question), batch_size)
-    by_question: dict[int, int] = {}
-    for p in chosen:
-        by_question[p // alternates_per_question] = by_question.get(p // alternates_per_question, 0) + 1
-    units = []
-    for q, count in by_question.items():
-        answer = sequence()
-        seqs, roles, pairs, refs = [answer], [ROLE_FORGET], [], []
-        for k in range(1, count + 1):
-            alt = sequence()
-            seqs.append(alt)
-            roles.append(ROLE_ALTERNATE)
-            pairs.append((k, 0))
-            refs.append((ref_logp(alt), ref_logp(answer)))
-        units.append(PackUnit(seqs, roles, pairs, refs, key=q))
-    for r in range(batch_size):
-        units.append(PackUnit([sequence()], [ROLE_RETAIN], retain=[0], key=("retain", r)))
-    return units

@@ -204,7 +204,7 @@ def _tiny_data(tokens_per_sequence=(40, 60, 80)):
 def test_memory_settings_follow_the_planner_on_a_gpu(monkeypatch):
     from transformers import LlamaConfig
 
-    from altpo.train import memory_plan
+    from altpo.plan import memory_plan
     from altpo.data.step_sampling import StepSampler
     from altpo.train.memory import memory_settings
 

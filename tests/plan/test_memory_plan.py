@@ -8,9 +8,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from altpo import cli
-from altpo.train import memory_plan as mp
+from altpo.plan import memory_plan as mp
 from altpo.model.activation_checkpointing import enable_activation_checkpointing, offload_saved_tensors
-from altpo.train.memory_plan import (
+from altpo.plan.memory_plan import (
     NAMED_SHAPES,
     PlanError,
     activation_bytes_per_token,
@@ -276,7 +276,7 @@ def test_loss_workspace_band_covers_the_kernels_workspace():
     """The planner's fp32 dW-band term is at least the chunked backward's whole workspace."""
     import torch
 
-    from altpo.train import memory_plan
+    from altpo.plan import memory_plan
     from altpo_kernels.chunked_backward import workspace_bytes
 
     h, v = 2048, 128256

@@ -12,8 +12,8 @@ import torch
 import torch.distributed as tdist
 
 from altpo import cli
-from altpo.train.memory_plan import NAMED_SHAPES, plan_memory, shape_from_config
-from altpo.train.memory_plan_parallel import lora_shapes, parameter_memory, shard_numel
+from altpo.plan.memory_plan import NAMED_SHAPES, plan_memory, shape_from_config
+from altpo.plan.memory_plan_parallel import lora_shapes, parameter_memory, shard_numel
 
 
 def _tiny(tie: bool):

@@ -63,7 +63,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from altpo.train.memory_plan_parallel import (
+from altpo.plan.memory_plan_parallel import (
     CUDA_CONTEXT_BYTES,
     COMMUNICATION_BYTES,
     DEFAULT_LORA_TARGETS,
@@ -72,7 +72,7 @@ from altpo.train.memory_plan_parallel import (
     parameter_memory,
     smallest_gpu_count,
 )
-from altpo.train.model_shapes import (  # noqa: F401  (re-exported: the planner's public names)
+from altpo.plan.model_shapes import (  # noqa: F401  (re-exported: the planner's public names)
     NAMED_SHAPES,
     SUPPORTED_MODEL_TYPES,
     ModelShape,
@@ -440,7 +440,7 @@ def plan_memory(
     find_smallest_gpus: bool = True,
 ) -> MemoryPlan:
     """Plan AltPO training memory per GPU (one GPU, DDP or FSDP over ``gpus``; see
-    :mod:`altpo.train.memory_plan_parallel` for the scale-out terms).
+    :mod:`altpo.plan.memory_plan_parallel` for the scale-out terms).
 
     Args:
         model_config: a named shape (``"llama-3.2-1b"``, ``"llama-3.2-3b"``, ``"llama-3.1-8b"``),

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 
-from altpo.train.model_shapes import ModelShape, PlanError
+from altpo.plan.model_shapes import ModelShape, PlanError
 
 GIB = 1024**3
 CUDA_CONTEXT_BYTES = 600 * 1024**2
