@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generate alternate answers, and run an offline demo (benchmarks: see benchmarks/README.md).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.commands = {}
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
         doc = (module.__doc__ or name).strip()
@@ -42,12 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
         )
         module.add_arguments(p)
         p.set_defaults(_module=module)
+        parser.commands[name] = p
     return parser
 
 
 def main(argv=None) -> int:
+    from altpo.cli.flags import unknown_flags_error
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # answered by the command's own parser: its usage, and a did-you-mean
+        unknown_flags_error(parser.commands.get(getattr(args, "command", None), parser), extra)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2

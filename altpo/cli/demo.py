@@ -24,16 +24,16 @@ from __future__ import annotations
 from altpo_kernels.methods import REGISTRY
 
 from altpo.demo.methods import COMPARE_METHODS
+from altpo.cli.flags import add_overwrite
 from altpo.errors import UserError
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--output", default="altpo-demo", metavar="DIR",
                         help="folder for everything the demo writes (default: ./altpo-demo); it "
-                        "must be new or empty unless --force is given")
-    parser.add_argument("--force", action="store_true",
-                        help="use a non-empty --output folder: the demo's own files and folders "
-                        "in it are replaced, nothing else is touched")
+                        "must be new or empty unless --overwrite is given")
+    add_overwrite(parser, "use a non-empty --output folder: the demo's own files and folders in "
+                  "it are replaced, nothing else is touched", dest="force")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the data, model initialisation, data order and sampling "
                         "(default 0)")

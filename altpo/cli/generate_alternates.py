@@ -12,7 +12,7 @@ question, answer (the true one) and alternate.
 text template, "Alternate Answer :" priming and stop strings; see docs/open-unlearning.md).
 
 An interrupted run continues where it stopped when run again with the same settings; an output
-written with other settings is only replaced with --force.
+written with other settings is only replaced with --overwrite.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from altpo.eval.alternates import (
     check_resumable,
     generate_alternates,
 )
+from altpo.cli.flags import add_overwrite
 from altpo.errors import UserError
 from altpo.model.loading import add_model_arguments, check_model_source, load_model_and_tokenizer
 from altpo.data.tofu import ChatFormat, load_tofu_split
@@ -43,8 +44,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--k", type=int, default=5, help="alternates per question (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--output", required=True, help="JSON Lines file to write (question, answer, alternate)")
-    parser.add_argument("--force", action="store_true",
-                        help="overwrite --output even if it was written with other settings")
+    add_overwrite(parser, "replace --output even if it was written with other settings", dest="force")
     parser.add_argument("--batch-size", type=int, default=32,
                         help="sequences per generate call; batch_size // k questions per batch (default 32)")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="longest alternate in tokens (default 200)")
@@ -91,7 +91,7 @@ def run(args) -> int:
         resume = check_resumable(out, alternates_settings(pairs, args.k, args.seed, fmt=fmt, prompt=ALTERNATE_PROMPT,
                                                 **options), args.force)
     except AlternatesOutputExists as err:
-        raise UserError(str(err).replace("force (--force)", "--force")) from None
+        raise UserError(str(err).replace("force (--force)", "--overwrite")) from None
     if resume:
         print(f"resuming {out}")
 

@@ -36,6 +36,7 @@ from altpo.plan.memory_plan import (
     parse_bytes,
     plan_memory,
 )
+from altpo.cli.flags import add_old_spelling
 
 
 def _positive_int(text: str) -> int:
@@ -111,9 +112,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the TOFU recipe's 96 sequences of about 128 tokens)",
     )
     parser.add_argument(
-        "--max-seq-len", type=_positive_int, default=DEFAULT_MAX_SEQ_LEN, metavar="N",
-        help=f"longest sequence; a micro-batch holds at least one (default {DEFAULT_MAX_SEQ_LEN})",
+        "--max-length", dest="max_seq_len", type=_positive_int, default=DEFAULT_MAX_SEQ_LEN,
+        metavar="N", help=f"longest sequence, prompt plus answer, as train's --max-length; a "
+        f"micro-batch holds at least one (default {DEFAULT_MAX_SEQ_LEN})",
     )
+    add_old_spelling(parser, "--max-seq-len", "--max-length", "max_seq_len", type=_positive_int)
     parser.add_argument(
         "--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
         help="dtype of the weights and activations (default bf16)",

@@ -15,6 +15,8 @@ from typing import Sequence
 
 from altpo_kernels.methods import REGISTRY
 
+from altpo.demo.errors import DemoError
+
 #: What ``altpo-fast demo --compare`` runs.
 COMPARE_METHODS = ("altpo", "npo", "simnpo")
 
@@ -35,8 +37,6 @@ IDK_ANSWERS = ("I don't know.", "I am not sure about that.", "I have no informat
 
 
 def check_methods(methods: Sequence[str]) -> list[str]:
-    from altpo.demo.run import DemoError
-
     for m in methods:
         if m not in REGISTRY:
             raise DemoError(f"unknown method {m!r}; methods: {', '.join(REGISTRY)}")

@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-#: What the demo writes into its output folder (``--force`` removes exactly these first).
+from altpo.demo.errors import DemoError
+
+#: What the demo writes into its output folder (``--overwrite`` removes exactly these first).
 OUTPUT_ENTRIES = ("data", "full_model", "retain_model", "alternates.jsonl",
                   "alternates.jsonl.settings.json", "unlearned_model", "unlearned_models",
                   "eval", "demo_summary.json", "demo_plot.png", "demo_compare.png")
@@ -98,10 +100,6 @@ PRESETS = {
 }
 
 
-class DemoError(Exception):
-    """A problem with the demo's inputs (output folder, settings) that the user can fix."""
-
-
 # ------------------------------------------------------------------------------------------------
 # output folder
 
@@ -113,7 +111,7 @@ def prepare_output(output: str | Path, force: bool) -> Path:
         raise DemoError(f"output {out} exists and is not a folder; choose another --output")
     if out.is_dir() and any(out.iterdir()):
         if not force:
-            raise DemoError(f"output folder {out} exists and is not empty; pass --force to replace "
+            raise DemoError(f"output folder {out} exists and is not empty; pass --overwrite to replace "
                             "the demo's files in it, or choose another --output")
         for name in OUTPUT_ENTRIES:
             p = out / name

@@ -12,7 +12,8 @@ from altpo.errors import UserError
 from altpo.sources import looks_like_hub_id
 
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+_TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def check_model_source(source: str, flag: str = "--model") -> None:
@@ -50,13 +51,14 @@ def resolve_dtype(name: str, device):
     """``auto``: bfloat16 on a GPU that supports it, float32 otherwise."""
     import torch
 
+    name = {v: k for k, v in _TORCH_DTYPE_NAMES.items()}.get(name, name)  # the old long names
     if name not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
-    return getattr(torch, name)
+    return getattr(torch, _TORCH_DTYPE_NAMES[name])
 
 
 def load_model_and_tokenizer(source: str, *, device: str = "auto", dtype: str = "auto",
@@ -86,8 +88,10 @@ def add_model_arguments(parser) -> None:
     from altpo.data.tofu import DEFAULT_DATE_STRING, DEFAULT_SYSTEM_PROMPT
 
     parser.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} or cuda:N (default auto)")
-    parser.add_argument("--dtype", default="auto", choices=DTYPES,
-                        help="model weights dtype (default auto: bfloat16 on a GPU, float32 on the CPU)")
+    from altpo.cli.flags import dtype_value
+
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, type=dtype_value,
+                        help="model weights dtype (default auto: bf16 on a GPU, fp32 on the CPU)")
     parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
                         help=f"chat template system prompt ('' for none; default {DEFAULT_SYSTEM_PROMPT!r})")
     parser.add_argument("--date-string", default=DEFAULT_DATE_STRING,

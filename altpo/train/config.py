@@ -116,7 +116,7 @@ class TrainConfig:
     seed: int = _s(0, "Seed of the data order, the retain draws and torch.", group="optimisation")
     dtype: str = _s("auto", "Weight dtype for training. auto: bf16 on CUDA, fp32 on CPU.",
                     group="optimisation", choices=("auto", "bf16", "fp32"))
-    master_weights: str = _s("fp32", "Exact updates of bf16 weights: fp32 (fp32 master copy, +4 "
+    master_weights: str = _s("auto", "Exact updates of bf16 weights: fp32 (fp32 master copy, +4 "
                              "bytes/param), kahan (Kahan-compensated bf16, +2 bytes/param), none "
                              "(plain bf16 AdamW; small updates round away), auto (the memory "
                              "planner's choice on a GPU: fp32 if it fits, else kahan; fp32 "

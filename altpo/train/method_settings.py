@@ -23,14 +23,11 @@ The presets reproduce open-unlearning's published TOFU recipes for Llama-3.2-1B-
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from altpo_kernels.methods import REGISTRY, Method, get_method
 
 from altpo.errors import UserError
-
-if TYPE_CHECKING:
-    from altpo.train.config import TrainConfig
 
 #: the settings TrainConfig has a flag of its own for; a method's others go in --method-settings
 NAMED_SETTINGS = ("beta", "alpha", "gamma", "delta")
@@ -53,14 +50,14 @@ def setting_help(name: str) -> str:
     return f"Default: the method's ({', '.join(parts)})."
 
 
-def _method(config: "TrainConfig") -> Method:
+def _method(config: Any) -> Method:
     try:
         return get_method(config.method)
     except ValueError as err:
         raise UserError(f"--method: {err}") from None
 
 
-def _extra_settings(config: "TrainConfig") -> dict[str, float]:
+def _extra_settings(config: Any) -> dict[str, float]:
     """--method-settings NAME=X,NAME=X as a dict (the user's method's own settings)."""
     text = getattr(config, "method_settings", None)
     out: dict[str, float] = {}
@@ -99,7 +96,7 @@ OPEN_UNLEARNING_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def fill_method_defaults(config: "TrainConfig") -> None:
+def fill_method_defaults(config: Any) -> None:
     """Unset beta/alpha/gamma/delta take the method's defaults (at construction: code that reads
     a config before validation sees numbers). An unknown method is left for validation to report."""
     try:
@@ -111,7 +108,7 @@ def fill_method_defaults(config: "TrainConfig") -> None:
             setattr(config, name, float(defaults[name]))
 
 
-def resolve_method_settings(config: "TrainConfig") -> None:
+def resolve_method_settings(config: Any) -> None:
     """Fill the method's defaults into ``config`` and refuse settings the method does not use."""
     spec = _method(config)
     given = {name: getattr(config, name) for name in NAMED_SETTINGS}
@@ -134,7 +131,7 @@ def resolve_method_settings(config: "TrainConfig") -> None:
         raise UserError(f"--idk-answers is for --method {users} only; drop it with --method {config.method}")
 
 
-def loss_hparams(config: "TrainConfig") -> dict[str, float]:
+def loss_hparams(config: Any) -> dict[str, float]:
     """The resolved settings the loss takes (only those the method has)."""
     spec = _method(config)
     given = {name: getattr(config, name) for name in NAMED_SETTINGS}

@@ -186,7 +186,7 @@ def test_refuses_a_non_empty_output_and_a_file(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("keep me")
     assert main(["demo", "--output", str(tmp_path), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "not empty" in err and "--force" in err
+    assert "not empty" in err and "--overwrite" in err
     assert main(["demo", "--output", str(tmp_path / "notes.txt"), "--quiet"]) == 2
     assert "not a folder" in capsys.readouterr().err
     assert main(["demo", "--output", str(tmp_path / "new"), "--threads", "0"]) == 2

@@ -1,4 +1,4 @@
-"""Alternate-answer generation: K rows per question, resume after an interruption, --force,
+"""Alternate-answer generation: K rows per question, resume after an interruption, --overwrite,
 rejection of samples that repeat the true answer."""
 
 import json
@@ -137,8 +137,11 @@ def test_cli_generate_alternates(tiny, tmp_path, capsys):
     assert "6 alternates written" in capsys.readouterr().out
     changed = [a if a != "0" else "1" for a in argv]
     assert cli_main(changed) == 2
-    assert "--force" in capsys.readouterr().err
-    assert cli_main(changed + ["--force"]) == 0
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli_main(changed + ["--overwrite"]) == 0
+    # the old spelling still works, with a one-line note
+    assert cli_main([a if a != "1" else "2" for a in changed] + ["--force"]) == 0
+    assert "--force is now --overwrite" in capsys.readouterr().err
     assert cli_main([*argv[:2], str(tmp_path / "nope"), *argv[3:]]) == 2
     assert "--model" in capsys.readouterr().err
     assert cli_main([*argv[:4], str(tmp_path / "nope"), *argv[5:]]) == 2
