@@ -294,8 +294,11 @@ def save_final_model(output_dir: str | Path, model, tokenizer) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        from altpo.train.run_manifest import record_files
+
         _save_model_folder(tmp, model, tokenizer)
         fsync_tree(tmp)
+        record_files(output_dir, sorted(p.name for p in tmp.iterdir()))  # listed before moved in
         (output_dir / _FINAL_LAST).unlink(missing_ok=True)
         names = sorted(p.name for p in tmp.iterdir())
         for name in [n for n in names if n != _FINAL_LAST] + [_FINAL_LAST]:
@@ -306,16 +309,9 @@ def save_final_model(output_dir: str | Path, model, tokenizer) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "model.safetensors",
-                       "model-*.safetensors", "model.safetensors.index.json", "tokenizer*.json",
-                       "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
+def remove_run_outputs(output_dir: str | Path) -> list[str]:
+    """Delete what earlier runs of this tool wrote in ``output_dir``, as their run manifest lists
+    it (:mod:`altpo.train.run_manifest`); nothing else. The reference cache is kept."""
+    from altpo.train.run_manifest import remove_listed
 
-
-def remove_run_outputs(output_dir: str | Path) -> None:
-    """Delete what a previous run wrote (model files, checkpoints, metrics); keep the reference cache."""
-    output_dir = Path(output_dir)
-    shutil.rmtree(output_dir / CHECKPOINTS, ignore_errors=True)
-    for pattern in MODEL_FILE_PATTERNS + ("metrics.jsonl", "train_config.json", "train_summary.json"):
-        for p in output_dir.glob(pattern):
-            if p.is_file():
-                p.unlink()
+    return remove_listed(output_dir)

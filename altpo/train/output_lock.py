@@ -32,6 +32,8 @@ def acquire(out: Path) -> int:
     """Lock ``out`` (created when missing); returns the open lock file's descriptor."""
     import fcntl
 
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} exists and is a file, not a folder; choose a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -72,6 +74,7 @@ def output_lock(out: Path, dist):
     """Hold the lock on ``out`` (rank 0) while the block runs; every rank fails if rank 0 cannot."""
     fd, error = None, None
     created = not out.exists()
+    before = set() if created or not out.is_dir() else {p.name for p in out.iterdir()}
     if dist.rank == 0:
         try:
             fd = acquire(out)
@@ -83,7 +86,9 @@ def output_lock(out: Path, dist):
         yield
     finally:
         if fd is not None:
-            if created and [p.name for p in out.iterdir()] == [LOCK_NAME]:
-                (out / LOCK_NAME).unlink()  # a run that failed early leaves no folder behind
-                out.rmdir()
+            left = {p.name for p in out.iterdir()}
+            if LOCK_NAME not in before and left == before | {LOCK_NAME}:
+                (out / LOCK_NAME).unlink()  # a run that failed early leaves the folder as it was
+                if created:
+                    out.rmdir()
             release(fd)

@@ -14,6 +14,7 @@ from altpo.errors import UserError
 from altpo.train.checkpoint import list_checkpoints, usable_checkpoint
 from altpo.train.config import TRAJECTORY_SETTINGS, TrainConfig
 from altpo.train.input_fingerprints import PATH_SETTINGS
+from altpo.train.run_manifest import unlisted_model_files
 
 REF_CACHE_NAME = "reference_logprobs.safetensors"
 
@@ -31,9 +32,16 @@ def check_output_folder(out: Path, config: TrainConfig, say=print) -> Path | Non
     before. Paths (model, data, alternates) may change between runs: their contents are compared
     by fingerprint once loaded (:mod:`altpo.train.input_fingerprints`)."""
     if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} exists and is not a folder")
+        raise UserError(f"--output {out} exists and is a file, not a folder; choose a folder")
     earlier_run = out.is_dir() and any(
         (out / name).exists() for name in ("config.json", "checkpoints", METRICS_NAME, CONFIG_NAME))
+    foreign = unlisted_model_files(out) if out.is_dir() else []
+    if foreign and not config.resume:
+        # a model this tool did not write (or wrote before runs kept a manifest): never emptied
+        raise UserError(f"--output {out}{_link_note(out)} holds a model that no run of this tool "
+                        f"wrote ({', '.join(foreign[:4])}); a run there would replace it, and "
+                        "--overwrite removes only files a run listed in its manifest. Choose another "
+                        "--output (an empty or new folder)")
     if config.resume:
         had_any = bool(list_checkpoints(out))
         ckpt = usable_checkpoint(out, say)
@@ -54,9 +62,26 @@ def check_output_folder(out: Path, config: TrainConfig, say=print) -> Path | Non
                             f"the same settings, or start a new run in another --output")
         return ckpt
     if earlier_run and not config.overwrite:
-        raise UserError(f"--output {out} already holds a run; add --resume to continue it, "
-                        "--overwrite to start over, or choose another folder")
+        raise UserError(f"--output {out}{_link_note(out)} already holds a run of this tool "
+                        f"({_describe_run(out)}); add --resume to continue it, --overwrite to start "
+                        "over (removes only that run's files), or choose another folder")
     return None
+
+
+def _link_note(out: Path) -> str:
+    return f" (a link to {out.resolve()})" if out.is_symlink() else ""
+
+
+def _describe_run(out: Path) -> str:
+    parts = []
+    steps = [s for s, _ in list_checkpoints(out)]
+    if steps:
+        parts.append(f"checkpoints up to step {steps[-1]}")
+    if (out / "config.json").exists():
+        parts.append("a finished model")
+    elif (out / METRICS_NAME).exists():
+        parts.append(METRICS_NAME)
+    return ", ".join(parts) or CONFIG_NAME
 
 
 def checkpoint_master_mode(checkpoint: Path | None) -> str | None:
