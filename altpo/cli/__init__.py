@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._argv = ["altpo-fast", *(sys.argv[1:] if argv is None else argv)]  # for provenance records
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
