@@ -128,6 +128,7 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model, tokenizer,
         _save_model_folder(tmp, model, tokenizer)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
         (tmp / STATE_JSON).write_text(json.dumps(state, indent=2, sort_keys=True))
+        copy_metrics_history(output_dir, tmp, step)
         sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": sizes}, indent=2))
         fsync_tree(tmp)
@@ -156,6 +157,35 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model, tokenizer,
             os.rename(old_ckpt, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
     return final
+
+
+METRICS = "metrics.jsonl"
+
+
+def metrics_records(path: Path) -> dict[int, str]:
+    """``step -> line`` of every whole record in a metrics file (torn or damaged lines skipped;
+    a step given twice keeps its first record)."""
+    found: dict[int, str] = {}
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return found
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            found.setdefault(record["step"], line)
+    return found
+
+
+def copy_metrics_history(output_dir, folder: Path, step: int) -> None:
+    """The run's metrics records up to ``step`` go into the checkpoint, so that ``--resume`` can
+    restore a ``metrics.jsonl`` that was cut or damaged since."""
+    records = metrics_records(Path(output_dir) / METRICS)
+    lines = [records[s] for s in sorted(records) if s <= step]
+    (folder / METRICS).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
 def _safetensors_problem(path: Path) -> str | None:

@@ -254,3 +254,67 @@ def test_a_cut_that_leaves_no_answer_tokens_is_refused(tofu_dir, model_dir, tmp_
     with pytest.raises(UserError, match=r"--max-length 1 leaves no answer tokens in 4 of 4 forget, "
                                         r"20 of 20 alternates, 24 of 24 retain sequences"):
         train(_config(tofu_dir, model_dir, tmp_path / "run", max_length=1))
+
+
+# ------------------------------------------------------------------------------------------------
+# the metrics history on --resume
+
+
+def _steps(path):
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+def test_a_cut_metrics_file_is_restored_from_the_checkpoint_on_resume(tofu_dir, model_dir, tmp_path,
+                                                                      capsys):
+    out = tmp_path / "run"
+    assert train(_config(tofu_dir, model_dir, out, max_steps=6, save_every=3)).completed
+    metrics = out / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    assert _steps(metrics) == [1, 2, 3, 4, 5, 6]
+    metrics.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # cut inside step 2
+    capsys.readouterr()
+    assert train(_config(tofu_dir, model_dir, out, max_steps=6, save_every=3, resume=True,
+                         quiet=False)).completed
+    said = capsys.readouterr()
+    said = said.out + said.err
+    assert "lacks the records of steps 2-3 (cut or damaged); restoring them from step-00000003" in said
+    assert _steps(metrics) == [1, 2, 3, 4, 5, 6]
+    assert metrics.read_text().splitlines()[:3] == lines[:3]  # the first run's records, unchanged
+
+
+def test_a_cut_metrics_file_without_a_copy_is_refused_with_the_ways_on(tofu_dir, model_dir, tmp_path,
+                                                                       capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert train(_config(tofu_dir, model_dir, out, max_steps=6, save_every=3)).completed
+    ckpt = out / "checkpoints" / "step-00000003"
+    (ckpt / "metrics.jsonl").unlink()  # a checkpoint from before checkpoints kept the history
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    del manifest["files"]["metrics.jsonl"]
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    metrics = out / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text(lines[0] + "\n" + lines[1][:10])
+    resume = _config(tofu_dir, model_dir, out, max_steps=6, save_every=3, resume=True, quiet=False)
+    with pytest.raises(UserError, match=r"metrics.jsonl lacks the records of steps 2-3 up to the "
+                                        r"checkpoint at step 3 .*no copy.*move it aside.*--overwrite"):
+        train(resume)
+    assert metrics.read_text() == lines[0] + "\n" + lines[1][:10]  # left as it was
+    metrics.rename(out / "metrics.cut.jsonl")
+    capsys.readouterr()
+    assert train(resume).completed
+    said = capsys.readouterr()
+    assert "the history starts at step 4" in said.out + said.err
+    assert _steps(metrics) == [4, 5, 6]
+
+
+def test_records_after_the_checkpoint_are_dropped_with_a_message(tofu_dir, model_dir, tmp_path,
+                                                                 capsys):
+    out = tmp_path / "run"
+    assert train(_config(tofu_dir, model_dir, out, max_steps=5, save_every=2)).completed
+    capsys.readouterr()
+    assert train(_config(tofu_dir, model_dir, out, max_steps=5, save_every=2, resume=True,
+                         quiet=False)).completed
+    said = capsys.readouterr()
+    assert ("1 record(s) of metrics.jsonl after step 4 (steps 5) are dropped: those steps are "
+            "trained again") in said.out + said.err
+    assert _steps(out / "metrics.jsonl") == [1, 2, 3, 4, 5]
