@@ -59,8 +59,9 @@ def main(argv=None) -> int:
     except UserError as err:
         print(f"altpo-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"altpo-fast {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"altpo-fast {args.command}: interrupted" + (f" ({err})" if str(err) else ""),
+              file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`altpo-fast plan --json | head`): stop quietly
         _silence_stdout()
