@@ -62,11 +62,22 @@ def test_a_second_run_in_a_locked_folder_is_refused_naming_the_holder(tofu_dir, 
         release(fd)
 
 
-def test_the_lock_is_released_when_the_run_ends(tofu_dir, model_dir, tmp_path):
+def test_the_lock_is_held_while_the_run_runs_and_released_when_it_ends(tofu_dir, model_dir, tmp_path):
     from altpo.train.output_lock import acquire, release
 
     out = tmp_path / "run"
-    assert train(_config(tofu_dir, model_dir, out, max_steps=1)).completed
+    during = []
+
+    def try_to_lock(record):
+        try:
+            release(acquire(out))
+            during.append("free")
+        except UserError as err:
+            during.append(str(err))
+
+    assert train(_config(tofu_dir, model_dir, out, max_steps=2), on_step=try_to_lock).completed
+    assert len(during) == 2
+    assert all(f"in use by another training run (pid {os.getpid()}" in d for d in during), during
     release(acquire(out))  # free again: the run let it go
 
 
@@ -76,14 +87,20 @@ def test_the_lock_is_released_when_the_run_ends(tofu_dir, model_dir, tmp_path):
 
 def test_checkpoint_files_and_folders_are_fsynced_around_the_rename(tofu_dir, model_dir, tmp_path,
                                                                    monkeypatch):
+    """Watches the system calls themselves (``os.fsync`` on a descriptor, named through /proc), so
+    a writer that skips them fails however it is written."""
     events = []
-    real_fsync, real_rename = checkpoint_module.fsync_path, os.rename
-    monkeypatch.setattr(checkpoint_module, "fsync_path",
-                        lambda p: (events.append(("fsync", str(p))), real_fsync(p)))
-    monkeypatch.setattr(checkpoint_module.os, "rename",
-                        lambda a, b: (events.append(("rename", str(b))), real_rename(a, b)))
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", str(b))), real_rename(a, b)))
     out = tmp_path / "run"
     train(_config(tofu_dir, model_dir, out, max_steps=2, save_every=1))
+    monkeypatch.undo()
     final = str(out / "checkpoints" / "step-00000001")
     at = events.index(("rename", final))
     before, after = [p for k, p in events[:at] if k == "fsync"], [p for k, p in events[at:] if k == "fsync"]
@@ -240,12 +257,19 @@ def test_a_non_finite_gradient_norm_is_named_as_such(tofu_dir, model_dir, tmp_pa
     assert "loss became non-finite" not in message
 
 
-@pytest.mark.parametrize("flag, value", [("lr", float("inf")), ("epochs", float("inf")),
-                                         ("beta", float("nan")), ("warmup_epochs", float("inf")),
-                                         ("alpha", float("inf")), ("alpha", -1.0)])
-def test_non_finite_or_negative_settings_are_refused(tofu_dir, model_dir, tmp_path, flag, value):
-    with pytest.raises(UserError, match=f"--{flag.replace('_', '-')} must"):
+@pytest.mark.parametrize("flag, value, message", [
+    ("lr", float("inf"), "must be a finite number, got inf"),
+    ("epochs", float("inf"), "must be a finite number, got inf"),
+    ("beta", float("nan"), "must be a finite number, got nan"),  # not "must be positive"
+    ("warmup_epochs", float("inf"), "must be a finite number, got inf"),
+    ("alpha", float("inf"), "must be a finite number, got inf"),
+    ("alpha", -1.0, "must not be negative, got -1.0")])
+def test_non_finite_or_negative_settings_are_refused(tofu_dir, model_dir, tmp_path, flag, value,
+                                                     message):
+    """Each case names the check that must fire: the whole message, not a prefix any check has."""
+    with pytest.raises(UserError) as err:
         train(_config(tofu_dir, model_dir, tmp_path / "run", **{flag: value}))
+    assert str(err.value) == f"--{flag.replace('_', '-')} {message}"
     assert not (tmp_path / "run").exists()
 
 
