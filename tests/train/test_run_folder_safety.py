@@ -4,6 +4,7 @@ updates that make the weights or the gradient non-finite."""
 
 import json
 import os
+import re
 import shutil
 import stat
 import time
@@ -177,25 +178,66 @@ def test_a_full_disk_during_a_save_names_the_cause(tofu_dir, model_dir, tmp_path
 # early checks on the output folder
 
 
-def test_a_read_only_output_is_refused_before_the_model_loads(tofu_dir, model_dir, tmp_path,
-                                                              monkeypatch):
-    if os.geteuid() == 0:  # root writes into any folder it may chmod: use one the kernel owns
-        out = Path("/sys/fs/altpo-no-write")
-        if not Path("/sys/fs").is_dir():  # sysfs refuses new folders, even to root
-            pytest.skip("no read-only folder available to root")
-    else:
-        out = tmp_path / "ro"
-        out.mkdir()
-        out.chmod(stat.S_IRUSR | stat.S_IXUSR)
-    _no_model_load(monkeypatch)
+_READ_ONLY_CHILD = """
+import json, os, sys, time
+from altpo.errors import UserError
+from altpo.train import train
+from altpo.train.config import TrainConfig
+import altpo.train.loop as loop
+
+def refuse(*a, **k):
+    raise AssertionError("the model was loaded before the check")
+
+loop.load_causal_lm = refuse
+assert not os.access(sys.argv[2], os.W_OK)  # the case under test: this process may not write
+started = time.perf_counter()
+try:
+    train(TrainConfig(**json.loads(sys.argv[1])))
+except UserError as err:
+    print(json.dumps({"error": str(err), "seconds": time.perf_counter() - started}))
+else:
+    print(json.dumps({"error": None}))
+"""
+
+
+def _drop_file_capabilities():
+    """In the child, before exec: remove from the bounding set the capabilities that let root write
+    where the mode bits say no (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER), so that exec
+    does not grant them back. The child stays root: it can still run the interpreter it needs."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2, 3):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "PR_CAPBSET_DROP")
+
+
+def test_a_read_only_output_is_refused_before_the_model_loads(tofu_dir, model_dir, tmp_path):
+    """chmod binds only a process without CAP_DAC_OVERRIDE: as root (CI) the run is a child process
+    that drops that capability (and its relatives) first."""
+    import subprocess
+    import sys
+
+    as_root = os.geteuid() == 0
+    base = tmp_path
+    out = base / "ro"
+    out.mkdir()
+    out.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
     try:
-        started = time.perf_counter()
-        with pytest.raises(UserError, match="--output .* is not writable"):
-            train(_config(tofu_dir, model_dir, out))
-        assert time.perf_counter() - started < 2
+        settings = base_settings(tofu_dir, model_dir, out)
+        result = subprocess.run(
+            [sys.executable, "-c", _READ_ONLY_CHILD, json.dumps(settings), str(out)],
+            capture_output=True, text=True, timeout=120, cwd=str(base),
+            env={**os.environ, "HOME": str(base), "OMP_NUM_THREADS": "1",
+                 "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+            preexec_fn=_drop_file_capabilities if as_root else None)
+        assert result.returncode == 0, result.stderr[-2000:]
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        assert report["error"] is not None and re.match(r"--output .* is not writable", report["error"])
+        assert report["seconds"] < 2
+        assert list(out.iterdir()) == []
     finally:
-        if out.exists() and os.geteuid() != 0:
-            out.chmod(stat.S_IRWXU)
+        out.chmod(stat.S_IRWXU)
 
 
 def test_too_little_disk_space_is_refused_before_the_model_loads(tofu_dir, model_dir, tmp_path,
