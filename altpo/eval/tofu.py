@@ -107,8 +107,11 @@ def check_tofu_source(data, names: Sequence[str]) -> None:
         )
     missing = [n for n in names if _split_file(folder, n) is None]
     if missing:
+        forget = sorted(p.stem for p in folder.glob("forget*.json") if not p.stem.endswith("_perturbed"))
+        hint = (f"; the forget splits it has: {', '.join(forget)} (--forget-split)"
+                if any(n.startswith(("forget", "holdout")) for n in missing) and forget else "")
         raise FileNotFoundError(
-            f"TOFU data folder {folder} lacks {', '.join(n + '.json' for n in missing)}; "
+            f"TOFU data folder {folder} lacks {', '.join(n + '.json' for n in missing)}{hint}; "
             "use a folder with the full TOFU layout (see docs/evaluation.md) or fewer metric groups"
         )
 
