@@ -7,10 +7,12 @@ Layout of an output folder::
       train_config.json                                   the settings of the run
       metrics.jsonl                                       one JSON object per optimizer step
       reference_logprobs.safetensors                      the reference cache (default place)
+      .altpo-run.json                                     what runs wrote here (--overwrite removes it)
       checkpoints/step-00000050/
         config.json, model.safetensors, tokenizer files   the weights at that step
         trainer_state.safetensors                         optimizer state, master weights, RNG
         trainer_state.json                                step, epoch, schedule, settings, keys
+        metrics.jsonl                                     the run's records up to this step
 
 A checkpoint is written into a temporary folder beside its final name and renamed when complete,
 so an interrupted save never leaves a checkpoint that looks whole. Every file and the folder are
