@@ -147,8 +147,8 @@ def check_loading_info(info: dict, model, flag: str, name: str) -> None:
     missing = list(info.get("missing_keys") or [])
     unexpected = list(info.get("unexpected_keys") or [])
     mismatched = [k for k, *_ in (info.get("mismatched_keys") or [])]
-    if not (missing or unexpected or mismatched):
-        return
+    if not (missing or mismatched):
+        return  # extra tensors alone (e.g. buffers older versions saved) leave every weight loaded
     parts = []
     for what, keys in (("missing from the files (they would start random)", missing),
                        ("in the files but not in the model", unexpected),

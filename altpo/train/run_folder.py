@@ -15,7 +15,7 @@ from altpo.errors import UserError
 from altpo.train.checkpoint import checkpoint_dir, list_checkpoints, metrics_records, usable_checkpoint
 from altpo.train.config import TRAJECTORY_SETTINGS, TrainConfig
 from altpo.train.input_fingerprints import PATH_SETTINGS
-from altpo.train.run_manifest import unlisted_model_files
+from altpo.train.run_manifest import RUN_MANIFEST, unlisted_model_files
 
 REF_CACHE_NAME = "reference_logprobs.safetensors"
 
@@ -40,9 +40,10 @@ def check_output_folder(out: Path, config: TrainConfig, say=print) -> Path | Non
     if foreign and not config.resume:
         # a model this tool did not write (or wrote before runs kept a manifest): never emptied
         raise UserError(f"--output {out}{_link_note(out)} holds a model that no run of this tool "
-                        f"wrote ({', '.join(foreign[:4])}); a run there would replace it, and "
-                        "--overwrite removes only files a run listed in its manifest. Choose another "
-                        "--output (an empty or new folder)")
+                        f"wrote ({', '.join(foreign[:4])}; no {RUN_MANIFEST} lists them: another "
+                        "model, or a run of a version that kept no manifest); a run there would "
+                        "replace it, and --overwrite removes only files a run listed in its manifest. "
+                        "Choose another --output (an empty or new folder), or move the model away")
     if config.resume:
         had_any = bool(list_checkpoints(out))
         ckpt = usable_checkpoint(out, say)

@@ -77,7 +77,7 @@ def test_a_folder_holding_another_model_is_refused_even_with_overwrite(tofu_dir,
     _no_model_load(monkeypatch)
     for overwrite in (False, True):
         with pytest.raises(UserError, match=r"holds a model that no run of this tool wrote "
-                                            r"\(config\.json, model\.safetensors\)"):
+                                            r"\(config\.json, model\.safetensors; no \.altpo-run\.json lists them"):
             train(_config(tofu_dir, model_dir, other, overwrite=overwrite))
     assert _tree(other) == before
 
