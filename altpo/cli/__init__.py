@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:  # answered by the command's own parser: its usage, and a did-you-mean
         unknown_flags_error(parser.commands.get(getattr(args, "command", None), parser), extra)
+    args._argv = ["altpo-fast", *(sys.argv[1:] if argv is None else argv)]  # for provenance records
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
@@ -64,8 +65,9 @@ def main(argv=None) -> int:
     except UserError as err:
         print(f"altpo-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"altpo-fast {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"altpo-fast {args.command}: interrupted" + (f" ({err})" if str(err) else ""),
+              file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`altpo-fast plan --json | head`): stop quietly
         _silence_stdout()

@@ -111,12 +111,10 @@ def _check(args) -> list[str]:
             _check_retain_logs_split(logs, args, groups)
         except (FileNotFoundError, ValueError) as err:
             raise UserError(f"--retain-logs: {err}") from None
-    out = Path(os.path.expanduser(args.output))
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {args.output} is a file; pass a folder")
-    if (out / "TOFU_EVAL.json").exists() and not args.overwrite:
-        raise UserError(f"{out / 'TOFU_EVAL.json'} already exists; pass --overwrite to replace it or choose "
-                        "another --output")
+    from altpo.eval.output import check_output, refuse_training_folders
+
+    refuse_training_folders(model=args.model, output=args.output)
+    check_output(Path(os.path.expanduser(args.output)), args.overwrite)
     return groups
 
 
@@ -140,18 +138,50 @@ def _check_retain_logs_split(logs, args, groups) -> None:
 
 
 def run(args) -> int:
+    """Rank 0 (the only process, or torchrun's first) holds the output folder's eval lock from
+    before the model loads until the results are written; under it the output is checked again."""
+    from altpo.eval.output import check_output, lock_output, unlock_output
+
     groups = _check(args)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _run(args, groups)
+    out = Path(os.path.expanduser(args.output))
+    created = not out.exists()
+    fd = lock_output(out)
+    try:
+        check_output(out, args.overwrite)  # another eval may have finished since the check above
+        return _run(args, groups)
+    finally:
+        unlock_output(out, fd, remove_folder=created)
+
+
+def _run(args, groups) -> int:
+    from altpo.eval.output import provenance
     from altpo.eval.sharding import join_process_group
     from altpo.eval.tofu import TofuDataError, evaluate_tofu
+    from altpo.train.report import transformers_bars
 
     device = _process_device(args.device)
-    model, tokenizer = load_model_and_tokenizer(args.model, device=device, dtype=args.dtype,
-                                                tokenizer_source=args.tokenizer)
-    reference = None
-    if args.reference_model:
-        reference, _ = load_model_and_tokenizer(args.reference_model, device=device, dtype=args.dtype,
-                                                tokenizer_source=args.tokenizer or args.model)
+    with transformers_bars(enabled=not args.quiet):
+        model, tokenizer = load_model_and_tokenizer(args.model, device=device, dtype=args.dtype,
+                                                    tokenizer_source=args.tokenizer)
+        reference = None
+        if args.reference_model:
+            reference, _ = load_model_and_tokenizer(args.reference_model, device=device,
+                                                    dtype=args.dtype,
+                                                    tokenizer_source=args.tokenizer or args.model)
     shards, created = join_process_group(next(model.parameters()).device)
+    record = None
+    if shards.rank == 0:
+        record = provenance(
+            model_path=args.model, model=model, tokenizer_path=args.tokenizer or args.model,
+            data=args.data, settings={
+                "forget_split": args.forget_split, "holdout_split": args.holdout_split,
+                "metrics": groups, "numerics": args.numerics, "max_rows": args.max_rows,
+                "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
+                "retain_logs": args.retain_logs, "reference_model": args.reference_model,
+                "system_prompt": args.system_prompt, "date_string": args.date_string},
+            command=getattr(args, "_argv", None))
     try:
         evaluate_tofu(
             model, tokenizer, args.data, args.forget_split, retain_logs=args.retain_logs,
@@ -159,7 +189,7 @@ def run(args) -> int:
             max_new_tokens=args.max_new_tokens, system_prompt=args.system_prompt or None,
             date_string=args.date_string or None, splits=groups, holdout_split=args.holdout_split,
             max_rows=args.max_rows, progress=not args.quiet and shards.rank == 0, verbose=True,
-            numerics=args.numerics, reference_model=reference, shards=shards,
+            numerics=args.numerics, reference_model=reference, shards=shards, provenance=record,
         )
     except (TofuDataError, FileNotFoundError) as err:
         raise UserError(str(err)) from None

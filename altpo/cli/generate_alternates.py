@@ -95,8 +95,11 @@ def run(args) -> int:
     if resume:
         print(f"resuming {out}")
 
-    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype,
-                                                tokenizer_source=args.tokenizer)
+    from altpo.train.report import transformers_bars
+
+    with transformers_bars(enabled=not args.quiet):  # --quiet: no loading bar either
+        model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype,
+                                                    tokenizer_source=args.tokenizer)
     try:
         report = generate_alternates(model, tokenizer, pairs, args.k, args.seed, out, force=args.force,
                                      system_prompt=fmt.system_prompt, date_string=fmt.date_string,

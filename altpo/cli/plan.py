@@ -124,10 +124,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
 
 
+def _flag_bytes(flag: str, text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except PlanError as err:
+        raise UserError(f"{flag} {text}: {err}") from None
+
+
 def run(args) -> int:
     try:
         if args.gpu_memory is not None:
-            budget = parse_bytes(args.gpu_memory)
+            budget = _flag_bytes("--gpu-memory", args.gpu_memory)
             source = "given"
         else:
             found = detect_gpu_memory()
@@ -138,7 +145,7 @@ def run(args) -> int:
         in_bwd = {"auto": "auto", "yes": True, "no": False, "on": True, "off": False}[args.optimizer_in_backward]
         ckpt = {"on": "layers", "off": "none"}.get(args.checkpointing, args.checkpointing)
         parallel = args.parallel or ("fsdp" if args.gpus > 1 else "ddp")
-        context = 0 if args.cuda_context.strip() in ("0", "0B") else parse_bytes(args.cuda_context)
+        context = 0 if args.cuda_context.strip() in ("0", "0B") else _flag_bytes("--cuda-context", args.cuda_context)
         if source != "given":
             context = 0  # the free memory of the visible GPU already excludes its context
         plan = plan_memory(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Sequence
 
-from altpo.data.tofu import AltPOData
+from altpo.data.tofu import AltPOData, dropped_alternates_note
 from altpo.errors import UserError
 
 
@@ -42,6 +42,11 @@ def check_answer_tokens(data: AltPOData, max_length: int) -> None:
             f"--max-length {max_length} leaves no answer tokens in {parts} sequences (the cut keeps "
             f"only the prompt), so those rows would train nothing; raise --max-length above the "
             f"longest prompt (at least {longest_prompt + 1})")
+    if data.num_pairs and data.same_tokens == data.num_pairs:
+        raise UserError(
+            f"--max-length {max_length} cuts every alternate to the same tokens as its forget answer, "
+            "so the forget term is 0 with no gradient and the run would unlearn nothing; raise "
+            f"--max-length (the longest prompt is {longest_prompt} tokens)")
 
 
 def duplicate_alternates(data_alternates: Sequence[Sequence[str]]) -> tuple[int, int]:
@@ -56,6 +61,14 @@ def duplicate_alternates(data_alternates: Sequence[Sequence[str]]) -> tuple[int,
 
 
 def duplicate_alternates_note(alternates: Sequence[Sequence[str]], path) -> str | None:
+    """Warnings on the alternates file: alternates dropped for repeating their forget answer, and
+    alternates given twice for one question."""
+    dropped = dropped_alternates_note(path) if path else None
+    note = _repeats_note(alternates, path)
+    return "\n".join(n for n in (dropped, note) if n) or None
+
+
+def _repeats_note(alternates: Sequence[Sequence[str]], path) -> str | None:
     repeats, questions = duplicate_alternates(alternates)
     if not repeats:
         return None

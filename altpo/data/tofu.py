@@ -165,8 +165,11 @@ def load_alternates(path: str | Path, forget_rows: Sequence[dict]) -> list[list[
                 "from the forget split (the alternates file is not the problem)"
             )
 
+    from altpo.eval.alternates import is_rejected  # the rule generate-alternates applies
+
     alternates: list[list[str]] = [[] for _ in forget_rows]
     unknown: list[str] = []
+    repeats: list[int] = []
     for number, row in enumerate(rows, 1):
         question = row.get("question")
         text = next((row[k] for k in ALTERNATE_FIELDS if isinstance(row.get(k), str)), None)
@@ -177,6 +180,11 @@ def load_alternates(path: str | Path, forget_rows: Sequence[dict]) -> list[list[
             )
         if not text.strip():
             raise UserError(f"alternates file {path}, row {number}: the alternate answer is empty")
+        bad = next((c for c in text if c in _HIDDEN_CHARACTERS), None)
+        if bad is not None:
+            raise UserError(f"alternates file {path}, row {number}: the alternate holds the control "
+                            f"character U+{ord(bad):04X} ({_HIDDEN_CHARACTERS[bad]}), which no answer "
+                            "should contain and which hides what is trained; remove it from the file")
         matches = by_question.get(question)
         if not matches:
             unknown.append(question)
@@ -184,6 +192,9 @@ def load_alternates(path: str | Path, forget_rows: Sequence[dict]) -> list[list[
         if len(matches) > 1 and isinstance(row.get("answer"), str):
             same_answer = [i for i in matches if forget_rows[i]["answer"] == row["answer"]]
             matches = same_answer or matches
+        if is_rejected(text, forget_rows[matches[0]]["answer"]):
+            repeats.append(matches[0])  # Δ = 0 by construction: the pair trains nothing
+            continue
         alternates[matches[0]].append(text)
 
     if unknown:
@@ -195,11 +206,37 @@ def load_alternates(path: str | Path, forget_rows: Sequence[dict]) -> list[list[
     missing = [i for i, alts in enumerate(alternates) if not alts]
     if missing:
         shown = "; ".join(repr(forget_rows[i]["question"][:80]) for i in missing[:3])
+        only_repeats = sum(1 for i in missing if i in set(repeats))
+        why = (f" ({only_repeats} of them had only alternates that repeat the forget answer, which "
+               "train nothing and were dropped)" if only_repeats else "")
         raise UserError(
-            f"alternates file {path} has no alternate for {len(missing)} of {len(forget_rows)} "
-            f"forget questions, e.g. {shown}; every forget question needs at least one"
+            f"alternates file {path} has no usable alternate for {len(missing)} of "
+            f"{len(forget_rows)} forget questions{why}, e.g. {shown}; every forget question needs "
+            "at least one alternate that differs from its answer (make them with "
+            "`altpo-fast generate-alternates`)"
         )
+    _DROPPED_NOTES.pop(str(path), None)
+    if repeats:
+        _DROPPED_NOTES[str(path)] = (
+            f"alternates file {path}: dropped {len(repeats)} of {len(rows)} alternates that repeat "
+            f"their forget answer ({len(set(repeats))} question(s)); such a pair trains nothing")
     return alternates
+
+
+# characters an answer never holds and that hide what a file says (NUL; bidirectional overrides)
+_HIDDEN_CHARACTERS = {"\x00": "NUL", "\u202a": "LEFT-TO-RIGHT EMBEDDING",
+                      "\u202b": "RIGHT-TO-LEFT EMBEDDING", "\u202c": "POP DIRECTIONAL FORMATTING",
+                      "\u202d": "LEFT-TO-RIGHT OVERRIDE", "\u202e": "RIGHT-TO-LEFT OVERRIDE",
+                      "\u2066": "LEFT-TO-RIGHT ISOLATE", "\u2067": "RIGHT-TO-LEFT ISOLATE",
+                      "\u2068": "FIRST STRONG ISOLATE", "\u2069": "POP DIRECTIONAL ISOLATE"}
+
+# path -> what load_alternates dropped, for the run's log (dropped_alternates_note)
+_DROPPED_NOTES: dict[str, str] = {}
+
+
+def dropped_alternates_note(path) -> str | None:
+    """What the last :func:`load_alternates` of ``path`` dropped (alternates that repeat the answer)."""
+    return _DROPPED_NOTES.get(str(Path(os.path.expanduser(str(path)))))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -317,6 +354,9 @@ class AltPOData:
     pair_question: list[int]
     retain: list[EncodedQA]
     truncated: dict[str, int] = field(default_factory=dict)
+    # pairs whose alternate text differs from the forget answer but whose tokens (after the cut to
+    # max_length) are the same: their forget term is 0 with zero gradient
+    same_tokens: int = 0
 
     @property
     def num_pairs(self) -> int:
@@ -351,16 +391,23 @@ def build_altpo_data(tokenizer, forget_rows: Sequence[dict], alternates: Sequenc
         "alternates": sum(s.truncated for s in alt),
         "retain": sum(s.truncated for s in retain),
     }
-    return AltPOData(forget, alt, pair_question, retain, truncated)
+    same_tokens = sum(1 for p, (_, text) in enumerate(alt_pairs)
+                      if text != forget_rows[pair_question[p]]["answer"]
+                      and alt[p].input_ids == forget[pair_question[p]].input_ids
+                      and alt[p].labels == forget[pair_question[p]].labels)
+    return AltPOData(forget, alt, pair_question, retain, truncated, same_tokens)
 
 
 def truncation_report(data: AltPOData, max_length: int | None) -> str | None:
     """A one-line note on how many sequences ``max_length`` cut, or None when none were cut."""
     if not any(data.truncated.values()):
         return None
+    same = (f"; it cuts {data.same_tokens} of {data.num_pairs} alternates to the same tokens as "
+            "their forget answer: those pairs carry no gradient (raise --max-length to keep where "
+            "they differ)") if data.same_tokens else ""
     sizes = {"forget": len(data.forget), "alternates": len(data.alternates), "retain": len(data.retain)}
     parts = ", ".join(f"{n} of {sizes[k]} {k}" for k, n in data.truncated.items() if n)
-    return f"--max-length {max_length} cut {parts} sequences (their answers lose the cut tokens)"
+    return f"--max-length {max_length} cut {parts} sequences (their answers lose the cut tokens){same}"
 
 
 def texts_for_tokenizer(rows: Iterable[dict], alternates: Iterable[Iterable[str]] = ()) -> list[str]:

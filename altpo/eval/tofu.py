@@ -107,8 +107,11 @@ def check_tofu_source(data, names: Sequence[str]) -> None:
         )
     missing = [n for n in names if _split_file(folder, n) is None]
     if missing:
+        forget = sorted(p.stem for p in folder.glob("forget*.json") if not p.stem.endswith("_perturbed"))
+        hint = (f"; the forget splits it has: {', '.join(forget)} (--forget-split)"
+                if any(n.startswith(("forget", "holdout")) for n in missing) and forget else "")
         raise FileNotFoundError(
-            f"TOFU data folder {folder} lacks {', '.join(n + '.json' for n in missing)}; "
+            f"TOFU data folder {folder} lacks {', '.join(n + '.json' for n in missing)}{hint}; "
             "use a folder with the full TOFU layout (see docs/evaluation.md) or fewer metric groups"
         )
 
@@ -379,10 +382,8 @@ def _clean(obj):
     return obj
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=4), encoding="utf-8")
-    os.replace(tmp, path)
+def _json_text(obj) -> str:
+    return json.dumps(_clean(obj), indent=4)
 
 
 def format_headline_table(summary: Mapping[str, float], retain_logs: Mapping | None = None) -> str:
@@ -410,7 +411,8 @@ def evaluate_tofu(model, tokenizer, data_dir, forget_split: str = "forget10", *,
                   splits: Sequence[str] = DEFAULT_METRIC_GROUPS, holdout_split: str | None = None,
                   max_rows: int | None = None, min_k: float = 0.4, progress: bool = True,
                   verbose: bool = True, backend: str = "auto", numerics: str = "altpo-fast",
-                  reference_model=None, shards: Shards | None = None) -> dict:
+                  reference_model=None, shards: Shards | None = None,
+                  provenance: dict | None = None) -> dict:
     """Evaluate ``model`` on TOFU as open-unlearning does; return the summary (metric -> value).
 
     Args:
@@ -446,6 +448,8 @@ def evaluate_tofu(model, tokenizer, data_dir, forget_split: str = "forget10", *,
             model), on the same device, sharing ``tokenizer``.
         shards: split the work over ``torchrun`` processes (default: the running process group,
             if any). Every rank returns the whole summary; only rank 0 writes and prints.
+        provenance: what was evaluated (:func:`altpo.eval.output.provenance`), written beside the
+            results as ``EVAL_PROVENANCE.json`` with their hashes.
     """
     shards = shards if shards is not None else Shards.from_process_group()
     retain = load_retain_logs(retain_logs) if retain_logs is not None else None
@@ -464,9 +468,9 @@ def evaluate_tofu(model, tokenizer, data_dir, forget_split: str = "forget10", *,
     if shards.rank != 0:
         return summary
     if output_dir is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "TOFU_EVAL.json", logs)
-        _write_json(out / "TOFU_SUMMARY.json", summary)
+        from altpo.eval.output import write_results
+
+        write_results(out, _json_text(logs), _json_text(summary), provenance)
     if verbose:
         print(format_headline_table(summary, retain))
         if output_dir is not None:

@@ -134,12 +134,35 @@ def load_causal_lm(name: str, dtype, flag: str = "--model"):
 
     source = _pretrained_source(name, flag, needs_config=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False)
+        model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False,
+                                                           output_loading_info=True)
     except Exception as err:
         raise UserError(f"could not load {flag} {name} ({type(err).__name__}: "
                         f"{first_line(err)})") from None
+    check_loading_info(info, model, flag, name)
     model.config.use_cache = False
     return model
+
+
+def check_loading_info(info: dict, model, flag: str, name: str) -> None:
+    """Refuse a model whose weights did not all load: ``from_pretrained`` fills missing weights
+    with random values and only warns, so a config.json that names the wrong architecture (or
+    weights of another model) would train a random network."""
+    missing = list(info.get("missing_keys") or [])
+    unexpected = list(info.get("unexpected_keys") or [])
+    mismatched = [k for k, *_ in (info.get("mismatched_keys") or [])]
+    if not (missing or mismatched):
+        return  # extra tensors alone (e.g. buffers older versions saved) leave every weight loaded
+    parts = []
+    for what, keys in (("missing from the files (they would start random)", missing),
+                       ("in the files but not in the model", unexpected),
+                       ("of another shape in the files", mismatched)):
+        if keys:
+            parts.append(f"{len(keys)} weight(s) {what}, e.g. {', '.join(sorted(keys)[:3])}")
+    kind = type(model).__name__
+    raise UserError(f"{flag} {name}: its weights do not fit the {kind} that its config.json describes "
+                    f"({'; '.join(parts)}); check config.json's model_type and architecture, or "
+                    "pass the folder the weights were saved with")
 
 
 def first_line(err: BaseException) -> str:

@@ -222,7 +222,10 @@ _SIZE_UNITS = {
 
 def parse_bytes(text: str) -> int:
     """Parse a size such as ``16GiB``, ``80GB``, ``1.5 TiB`` or ``512MiB`` into bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]+)\s*", str(text))
+    signed = re.fullmatch(r"\s*([-+])\s*[0-9]*\.?[0-9]+\s*([A-Za-z]*)\s*", str(text))
+    if signed and signed.group(1) == "-":
+        raise PlanError(f"the size {text!r} is negative; a size must be positive, e.g. 16GiB or 80GB")
+    m = re.fullmatch(r"\s*\+?\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]+)\s*", str(text))
     if not m or m.group(2).lower() not in _SIZE_UNITS:
         raise PlanError(
             f"cannot read the size {text!r}: write a number and a unit, e.g. 16GiB or 80GB "

@@ -7,10 +7,12 @@ Layout of an output folder::
       train_config.json                                   the settings of the run
       metrics.jsonl                                       one JSON object per optimizer step
       reference_logprobs.safetensors                      the reference cache (default place)
+      .altpo-run.json                                     what runs wrote here (--overwrite removes it)
       checkpoints/step-00000050/
         config.json, model.safetensors, tokenizer files   the weights at that step
         trainer_state.safetensors                         optimizer state, master weights, RNG
         trainer_state.json                                step, epoch, schedule, settings, keys
+        metrics.jsonl                                     the run's records up to this step
 
 A checkpoint is written into a temporary folder beside its final name and renamed when complete,
 so an interrupted save never leaves a checkpoint that looks whole. Every file and the folder are
@@ -128,6 +130,7 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model, tokenizer,
         _save_model_folder(tmp, model, tokenizer)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
         (tmp / STATE_JSON).write_text(json.dumps(state, indent=2, sort_keys=True))
+        copy_metrics_history(output_dir, tmp, step)
         sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": sizes}, indent=2))
         fsync_tree(tmp)
@@ -156,6 +159,35 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model, tokenizer,
             os.rename(old_ckpt, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
     return final
+
+
+METRICS = "metrics.jsonl"
+
+
+def metrics_records(path: Path) -> dict[int, str]:
+    """``step -> line`` of every whole record in a metrics file (torn or damaged lines skipped;
+    a step given twice keeps its first record)."""
+    found: dict[int, str] = {}
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return found
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            found.setdefault(record["step"], line)
+    return found
+
+
+def copy_metrics_history(output_dir, folder: Path, step: int) -> None:
+    """The run's metrics records up to ``step`` go into the checkpoint, so that ``--resume`` can
+    restore a ``metrics.jsonl`` that was cut or damaged since."""
+    records = metrics_records(Path(output_dir) / METRICS)
+    lines = [records[s] for s in sorted(records) if s <= step]
+    (folder / METRICS).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
 def _safetensors_problem(path: Path) -> str | None:
@@ -294,8 +326,11 @@ def save_final_model(output_dir: str | Path, model, tokenizer) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        from altpo.train.run_manifest import record_files
+
         _save_model_folder(tmp, model, tokenizer)
         fsync_tree(tmp)
+        record_files(output_dir, sorted(p.name for p in tmp.iterdir()))  # listed before moved in
         (output_dir / _FINAL_LAST).unlink(missing_ok=True)
         names = sorted(p.name for p in tmp.iterdir())
         for name in [n for n in names if n != _FINAL_LAST] + [_FINAL_LAST]:
@@ -306,16 +341,9 @@ def save_final_model(output_dir: str | Path, model, tokenizer) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "model.safetensors",
-                       "model-*.safetensors", "model.safetensors.index.json", "tokenizer*.json",
-                       "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
+def remove_run_outputs(output_dir: str | Path) -> list[str]:
+    """Delete what earlier runs of this tool wrote in ``output_dir``, as their run manifest lists
+    it (:mod:`altpo.train.run_manifest`); nothing else. The reference cache is kept."""
+    from altpo.train.run_manifest import remove_listed
 
-
-def remove_run_outputs(output_dir: str | Path) -> None:
-    """Delete what a previous run wrote (model files, checkpoints, metrics); keep the reference cache."""
-    output_dir = Path(output_dir)
-    shutil.rmtree(output_dir / CHECKPOINTS, ignore_errors=True)
-    for pattern in MODEL_FILE_PATTERNS + ("metrics.jsonl", "train_config.json", "train_summary.json"):
-        for p in output_dir.glob(pattern):
-            if p.is_file():
-                p.unlink()
+    return remove_listed(output_dir)

@@ -38,6 +38,7 @@ from altpo.train.checkpoint import (
     list_checkpoints,
     rng_state_tensors,
     save_final_model,
+    copy_metrics_history,
 )
 
 SHARDS = "sharded"  # the DCP folder inside a checkpoint
@@ -277,6 +278,7 @@ def save_sharded_checkpoint(output_dir, step: int, *, model, tokenizer, optimize
         save_file({k: v.contiguous() for k, v in rng_state_tensors().items()}, str(tmp / STATE_TENSORS))
         (tmp / STATE_JSON).write_text(json.dumps({**state, "sharded": True, "world_size": dist.world},
                                                  indent=2, sort_keys=True))
+        copy_metrics_history(output_dir, tmp, step)
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)

@@ -77,6 +77,7 @@ from altpo.train.run_folder import (
     trim_metrics,
 )
 from altpo.train.signals import stop_signals
+from altpo.train.run_manifest import check_output_is_not_an_input, start_run
 from altpo.train.methods import method_alternates, needs_reference, prepare_step
 from altpo.train.step import forward_backward
 
@@ -96,6 +97,7 @@ def train(config: TrainConfig, *, on_step: Callable[[dict], None] | None = None)
     Under ``torchrun`` (``WORLD_SIZE`` > 1) it joins the process group and trains data-parallel.
     """
     config = TrainConfig(**config.to_dict()).validate()
+    check_output_is_not_an_input(config)  # before the lock: nothing is written into an input
     dist = Distributed.setup(config.device, config.dist_timeout)
     try:  # only our bars; one run per output folder, locked for the run's lifetime
         with transformers_bars(enabled=False), output_lock(Path(config.output).expanduser(), dist):
@@ -248,6 +250,7 @@ def _train(config: TrainConfig, dist: "Distributed", on_step) -> TrainResult:
         if config.overwrite:
             remove_run_outputs(out)
         out.mkdir(parents=True, exist_ok=True)
+        start_run(out)  # the run manifest: what --overwrite may remove later
         (out / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2))
         trim_metrics(metrics_path, start_step)
 

@@ -22,7 +22,9 @@ GIB = 2**30
 
 def preflight(config, dist, out: Path, say) -> None:
     check_backends(config, dist.device)
+    check_learning_rate(config)
     check_sources(config)
+    check_vocabulary(config)
     if dist.rank == 0:
         from altpo.train.checkpoint import remove_stale_temporaries
 
@@ -31,6 +33,51 @@ def preflight(config, dist, out: Path, say) -> None:
             say(f"removed {len(stale)} unfinished save(s) left by an earlier run that was killed: "
                 f"{', '.join(p.name for p in stale[:4])}")
         check_disk_space(config, out, dist.device, say)
+
+
+# ------------------------------------------------------------------------------------------------
+# a learning rate that can move the weights
+
+# An AdamW step moves a weight by about --lr. float32 resolves about 6e-8 of a weight's size, so
+# below this a step changes no weight larger than 1e-3: every update rounds away and the run
+# "finishes" having changed nothing.
+SMALLEST_LR = 1e-10
+
+
+def check_learning_rate(config) -> None:
+    if 0 < config.lr < SMALLEST_LR:
+        raise UserError(f"--lr {config.lr:g} is too small to change the weights: an AdamW step moves a "
+                        f"weight by about the learning rate, and below {SMALLEST_LR:g} that rounds away "
+                        "in float32 for every weight larger than 1e-3. Use a learning rate such as 1e-5")
+
+
+# ------------------------------------------------------------------------------------------------
+# the tokenizer against the model's embedding
+
+
+def check_vocabulary(config) -> None:
+    """Refuse a tokenizer with more tokens than the model's embedding has rows: their ids would
+    index past the embedding. Read from config.json and the tokenizer, before the weights load."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    model_src, tok_src = config.model, config.tokenizer or config.model
+    try:
+        rows = getattr(AutoConfig.from_pretrained(_source(model_src), trust_remote_code=False),
+                       "vocab_size", None)
+        tokens = len(AutoTokenizer.from_pretrained(_source(tok_src), trust_remote_code=False))
+    except Exception:  # unreadable: the loads that follow name the problem
+        return
+    if isinstance(rows, int) and tokens > rows:
+        flag = "--tokenizer" if config.tokenizer else "--model"
+        raise UserError(f"{flag} {tok_src}: the tokenizer has {tokens} tokens but --model {model_src} has "
+                        f"{rows} embedding rows (config.json vocab_size); ids from {rows} on would "
+                        "index past the embedding. Use the tokenizer the model was trained with, or "
+                        "resize the model's embeddings to the tokenizer")
+
+
+def _source(name: str) -> str:
+    path = local_path(name)
+    return str(path) if path.is_dir() else name
 
 
 # ------------------------------------------------------------------------------------------------

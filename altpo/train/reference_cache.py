@@ -11,6 +11,8 @@ model's weights (names, dtypes, shapes, bytes), every token and label of the sco
 from __future__ import annotations
 
 import hashlib
+import signal
+from contextlib import contextmanager
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,9 +114,16 @@ def save_reference_logprobs(path: str | Path, ref: ReferenceLogprobs, extra: dic
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     meta = {"format": FORMAT, "key": ref.key, "checksum": tensor_checksum(ref.forget, ref.alternates),
             **{k: str(v) for k, v in (extra or {}).items()}}
-    save_file({"forget": ref.forget.contiguous(), "alternates": ref.alternates.contiguous()},
-              str(tmp), metadata=meta)
-    fsync_path(tmp)
+    try:
+        save_file({"forget": ref.forget.contiguous(), "alternates": ref.alternates.contiguous()},
+                  str(tmp), metadata=meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as any file the user makes (the writer uses 0600)
+        fsync_path(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     fsync_path(path.parent)
 
@@ -156,8 +165,9 @@ def cached_reference_logprobs(model, data, key, path: Path, budget, config, dist
             say(f"reference log-probs: not reusing {path}: {why}; computing them again")
         n = len(data.forget) + len(data.alternates)
         bar = say.bar(n, "reference log-probs")
-        ref = compute_reference_logprobs(model, data, key, tokens_per_microbatch=budget,
-                                         loss_backend=config.loss_backend, progress=bar.update)
+        with _sigterm_interrupts("while the reference log-probs were computed"):
+            ref = compute_reference_logprobs(model, data, key, tokens_per_microbatch=budget,
+                                             loss_backend=config.loss_backend, progress=bar.update)
         bar.close()
         for name, t in (("forget answers", ref.forget), ("alternates", ref.alternates)):
             if not bool(torch.isfinite(t).all()):
@@ -175,6 +185,29 @@ def cached_reference_logprobs(model, data, key, path: Path, budget, config, dist
             raise UserError(f"reference cache {path} is not readable from rank {dist.rank}; "
                             "all processes need the same filesystem")
     return ref
+
+
+class ReferenceInterrupted(KeyboardInterrupt):
+    """SIGTERM before the first step: nothing to checkpoint; the run stops cleanly."""
+
+
+@contextmanager
+def _sigterm_interrupts(where: str):
+    """SIGTERM stops the computation like Ctrl-C (cleanups run, the lock is released) instead of
+    killing the process mid-way; nothing is saved, as no step has run."""
+    def handler(signum, frame):
+        raise ReferenceInterrupted(f"{signal.Signals(signum).name} {where}; no step had run, so "
+                                   "nothing was saved: run the same command again")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def resident_reference(ref_model, config: TrainConfig, budget: int):

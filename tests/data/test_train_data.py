@@ -85,7 +85,7 @@ def test_alternates_errors(tmp_path):
                       {"question": "Where is Ypres?", "sub_answer": "Far."}]
     with pytest.raises(UserError, match=r"2 row\(s\) whose question is not in the forget split.*Who is Zed"):
         load_alternates(_write_jsonl(tmp_path / "unknown.jsonl", unknown), forget)
-    with pytest.raises(UserError, match="no alternate for 1 of 4 forget questions.*Question 3"):
+    with pytest.raises(UserError, match="no usable alternate for 1 of 4 forget questions.*Question 3"):
         load_alternates(_write_jsonl(tmp_path / "missing.jsonl", good[:6]), forget)
     with pytest.raises(UserError, match="needs a 'question' and an 'alternate'"):
         load_alternates(_write_jsonl(tmp_path / "nofield.jsonl", [{"question": "Question 0?"}]), forget)
@@ -184,7 +184,7 @@ def _random_units(gen: random.Random, vocab=50):
 
 
 def test_packing_keeps_units_whole_and_restarts_positions():
-    gen = random.Random(torch.randint(0, 2**31, (1,)).item())
+    gen = random.Random(5678)
     units = _random_units(gen)
     budget = max(u.num_tokens for u in units) + gen.randint(0, 30)
     mbs = pack_micro_batches(units, budget)

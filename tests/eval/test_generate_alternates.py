@@ -134,7 +134,9 @@ def test_cli_generate_alternates(tiny, tmp_path, capsys):
             "--k", "2", "--seed", "0", "--output", str(out), "--max-new-tokens", "4", "--max-rows", "3", "--quiet"]
     assert cli_main(argv) == 0
     assert len(_rows(out)) == 6
-    assert "6 alternates written" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "6 alternates written" in said.out
+    assert "Loading weights" not in said.err and "it/s]" not in said.err  # --quiet: no bar at all
     changed = [a if a != "0" else "1" for a in argv]
     assert cli_main(changed) == 2
     assert "--overwrite" in capsys.readouterr().err

@@ -148,10 +148,15 @@ def test_shared_lose_sequence_gradient_adds_up():
     torch.testing.assert_close(parts[0] + parts[1], dh[lose_rows], rtol=1e-5, atol=1e-6)
 
 
-def test_module_form_matches_function():
+@pytest.mark.parametrize("name, value", [("beta", 0.7), ("alpha", 1.5), ("gamma", 0.8)])
+def test_module_form_uses_each_of_its_settings(name, value):
+    """The module forwards to the function, so comparing the two at one setting proves little: a
+    module that dropped a setting would still agree at the defaults. Each setting alone must move
+    the loss away from the defaults' and the module must follow."""
     batch = random_packed_batch([5, 9, 6, 4], 3, 16, 48, torch.float32, "cpu", 61)
-    module = AltPOLoss(beta=0.7, alpha=1.5, gamma=0.8, backend="torch")
-    a = module(*_args(batch))
-    b = altpo_loss(*_args(batch), beta=0.7, alpha=1.5, gamma=0.8, backend="torch")
-    torch.testing.assert_close(a.loss, b.loss)
-    assert "beta=0.7" in repr(module)
+    default = altpo_loss(*_args(batch), backend="torch").loss
+    changed = altpo_loss(*_args(batch), backend="torch", **{name: value}).loss
+    assert not torch.allclose(changed, default)  # this setting matters on this batch
+    module = AltPOLoss(backend="torch", **{name: value})
+    torch.testing.assert_close(module(*_args(batch)).loss, changed)
+    assert f"{name}={value}" in repr(module)

@@ -44,7 +44,20 @@ def test_integer_reference_logprobs_blame_the_dtype(batch, which):
         altpo_loss(*[bad[k] for k in FIELDS], backend="torch")
 
 
-def test_zero_alpha_is_allowed_and_matches_forget_only(batch):
-    out = altpo_loss(*[batch[k] for k in FIELDS], backend="torch", alpha=0.0)
-    assert torch.isfinite(out.loss)
-    torch.testing.assert_close(out.loss, out.forget_loss)
+def _grads(batch, alpha):
+    hidden = batch["hidden"].detach().clone().requires_grad_(True)
+    out = altpo_loss(hidden, *[batch[k] for k in FIELDS[1:]], backend="torch", alpha=alpha)
+    out.loss.backward()
+    retain = torch.isin(batch["seq_ids"], batch["retain_seqs"]) & (batch["labels"] != -100)
+    return out, hidden.grad, retain
+
+
+def test_zero_alpha_is_allowed_and_gives_retain_tokens_no_gradient(batch):
+    """Not "loss == forget_loss" (that holds by the loss's definition whatever alpha does): with
+    alpha 0 no retain token may get a gradient, while forget tokens do; with alpha > 0 they do."""
+    out, grad, retain = _grads(batch, 0.0)
+    assert torch.isfinite(out.loss) and bool(retain.any())
+    assert bool((grad[retain] == 0).all())
+    assert float(grad[~retain].abs().max()) > 0
+    _, grad_half, _ = _grads(batch, 0.5)
+    assert float(grad_half[retain].abs().max()) > 0  # the check above can fail

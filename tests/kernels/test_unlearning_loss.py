@@ -196,15 +196,20 @@ def test_altpo_method_equals_altpo_loss():
     torch.testing.assert_close(a.score, b.delta)
 
 
-def test_module_form_matches_function():
+@pytest.mark.parametrize("name, value", [("beta", 3.0), ("delta", 0.1), ("gamma", 0.4), ("alpha", 0.3)])
+def test_module_form_uses_each_of_its_settings(name, value):
+    """Each setting alone moves the loss away from the defaults', and the module follows it (a
+    module that dropped a setting would still agree with the function at the defaults)."""
     t = method_batch("simnpo", [5, 9, 6, 4], 3, 16, 48, torch.float32, 62)
     hidden, weight, labels, seq_ids, rest = _split(t)
-    module = UnlearningLoss("simnpo", beta=3.0, delta=0.1, backend="torch")
-    a = module(hidden, weight, labels, seq_ids, **rest)
-    b = unlearning_loss(hidden, weight, labels, seq_ids, method="simnpo", beta=3.0, delta=0.1,
-                        backend="torch", **rest)
-    torch.testing.assert_close(a.loss, b.loss)
-    assert "method='simnpo'" in repr(module) and "beta=3.0" in repr(module)
+    default = unlearning_loss(hidden, weight, labels, seq_ids, method="simnpo", backend="torch",
+                              **rest).loss
+    changed = unlearning_loss(hidden, weight, labels, seq_ids, method="simnpo", backend="torch",
+                              **{name: value}, **rest).loss
+    assert not torch.allclose(changed, default)  # this setting matters on this batch
+    module = UnlearningLoss("simnpo", backend="torch", **{name: value})
+    torch.testing.assert_close(module(hidden, weight, labels, seq_ids, **rest).loss, changed)
+    assert "method='simnpo'" in repr(module)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -69,7 +69,7 @@ def _packed(model, ids, lens, **extra):
 
 
 def test_packed_row_matches_each_sequence_alone_hidden_and_grads(model_dir):
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+    gen = torch.Generator().manual_seed(20240601)
     reference = _load(model_dir)
     model = _load(model_dir)
     assert enable_packed_attention(model, "auto") == "sdpa"  # CPU

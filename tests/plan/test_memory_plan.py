@@ -39,7 +39,7 @@ TINY = [
 
 @pytest.mark.parametrize("config_cls,model_cls,extra", TINY)
 def test_parameter_count_exact_against_real_model(config_cls, model_cls, extra, tmp_path):
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 1000, (1,))))
+    gen = torch.Generator().manual_seed(677)
     h = 16 * int(torch.randint(2, 5, (1,), generator=gen))
     cfg = config_cls(hidden_size=h, intermediate_size=3 * h + 8, num_hidden_layers=int(torch.randint(1, 4, (1,), generator=gen)),
                      num_attention_heads=4, num_key_value_heads=2, vocab_size=int(torch.randint(50, 300, (1,), generator=gen)),

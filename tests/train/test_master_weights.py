@@ -60,7 +60,7 @@ def _run(mode, init, grads, steps, start=None, chunk=1 << 24):
 
 @pytest.mark.parametrize("mode", ["fp32", "kahan"])
 def test_low_precision_weights_follow_float64_adamw(mode):
-    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    seed = 4141
     steps = 150
     init, grads = _params(seed), _grads(seed, steps)
     ref = _adamw_float64(init, grads, steps)

@@ -90,7 +90,7 @@ def _run(model_dir, steps_units, *, in_backward, dtype, master, max_norm, checkp
 
 
 def _three_steps(folder, dtype, master, checkpointing, clipping):
-    rng = random.Random(int(torch.randint(0, 2**31 - 1, (1,))))
+    rng = random.Random(9091)
     steps_units = [_units(rng) for _ in range(3)]
     # the tiny model's step gradients have norms of 10-40: a max norm of 1 clips every step
     max_norm = 1.0 if clipping else 0.0

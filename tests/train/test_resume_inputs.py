@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from altpo.errors import UserError
@@ -79,3 +80,22 @@ def test_resume_refuses_a_changed_setting_by_name(tofu_dir, tmp_path):
     train(TrainConfig(**_settings(tofu_dir, src, out)))
     with pytest.raises(UserError, match=r"settings differ from the checkpoint's \(beta: 0.5 -> 0.25\)"):
         train(TrainConfig(**_settings(tofu_dir, src, out, resume=True, beta=0.25)))
+
+
+def test_resume_refuses_a_compute_dtype_that_resolved_differently(tofu_dir, tmp_path, monkeypatch):
+    """The settings are the same strings (--dtype auto), so comparing settings cannot see it; the
+    dtype that auto resolved to (here as on a device with bf16) differs, and only the checkpoint's
+    input fingerprints catch it."""
+    import altpo.train.loop as loop
+
+    src = _inputs(tofu_dir, tmp_path / "src")
+    out = tmp_path / "run"
+    assert train(TrainConfig(**_settings(tofu_dir, src, out, dtype="auto"))).completed
+    real = loop.train_dtype
+    monkeypatch.setattr(loop, "train_dtype",
+                        lambda name, device: torch.bfloat16 if name == "auto" else real(name, device))
+    with pytest.raises(UserError) as err:
+        train(TrainConfig(**_settings(tofu_dir, src, out, dtype="auto", resume=True)))
+    message = str(err.value)
+    assert message.startswith("--resume: the inputs differ") and "compute dtype" in message
+    assert "settings differ" not in message

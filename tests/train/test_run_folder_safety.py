@@ -4,6 +4,7 @@ updates that make the weights or the gradient non-finite."""
 
 import json
 import os
+import re
 import shutil
 import stat
 import time
@@ -62,11 +63,22 @@ def test_a_second_run_in_a_locked_folder_is_refused_naming_the_holder(tofu_dir, 
         release(fd)
 
 
-def test_the_lock_is_released_when_the_run_ends(tofu_dir, model_dir, tmp_path):
+def test_the_lock_is_held_while_the_run_runs_and_released_when_it_ends(tofu_dir, model_dir, tmp_path):
     from altpo.train.output_lock import acquire, release
 
     out = tmp_path / "run"
-    assert train(_config(tofu_dir, model_dir, out, max_steps=1)).completed
+    during = []
+
+    def try_to_lock(record):
+        try:
+            release(acquire(out))
+            during.append("free")
+        except UserError as err:
+            during.append(str(err))
+
+    assert train(_config(tofu_dir, model_dir, out, max_steps=2), on_step=try_to_lock).completed
+    assert len(during) == 2
+    assert all(f"in use by another training run (pid {os.getpid()}" in d for d in during), during
     release(acquire(out))  # free again: the run let it go
 
 
@@ -76,14 +88,20 @@ def test_the_lock_is_released_when_the_run_ends(tofu_dir, model_dir, tmp_path):
 
 def test_checkpoint_files_and_folders_are_fsynced_around_the_rename(tofu_dir, model_dir, tmp_path,
                                                                    monkeypatch):
+    """Watches the system calls themselves (``os.fsync`` on a descriptor, named through /proc), so
+    a writer that skips them fails however it is written."""
     events = []
-    real_fsync, real_rename = checkpoint_module.fsync_path, os.rename
-    monkeypatch.setattr(checkpoint_module, "fsync_path",
-                        lambda p: (events.append(("fsync", str(p))), real_fsync(p)))
-    monkeypatch.setattr(checkpoint_module.os, "rename",
-                        lambda a, b: (events.append(("rename", str(b))), real_rename(a, b)))
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", str(b))), real_rename(a, b)))
     out = tmp_path / "run"
     train(_config(tofu_dir, model_dir, out, max_steps=2, save_every=1))
+    monkeypatch.undo()
     final = str(out / "checkpoints" / "step-00000001")
     at = events.index(("rename", final))
     before, after = [p for k, p in events[:at] if k == "fsync"], [p for k, p in events[at:] if k == "fsync"]
@@ -160,25 +178,66 @@ def test_a_full_disk_during_a_save_names_the_cause(tofu_dir, model_dir, tmp_path
 # early checks on the output folder
 
 
-def test_a_read_only_output_is_refused_before_the_model_loads(tofu_dir, model_dir, tmp_path,
-                                                              monkeypatch):
-    if os.geteuid() == 0:  # root writes into any folder it may chmod: use one the kernel owns
-        out = Path("/sys/fs/altpo-no-write")
-        if not Path("/sys/fs").is_dir():  # sysfs refuses new folders, even to root
-            pytest.skip("no read-only folder available to root")
-    else:
-        out = tmp_path / "ro"
-        out.mkdir()
-        out.chmod(stat.S_IRUSR | stat.S_IXUSR)
-    _no_model_load(monkeypatch)
+_READ_ONLY_CHILD = """
+import json, os, sys, time
+from altpo.errors import UserError
+from altpo.train import train
+from altpo.train.config import TrainConfig
+import altpo.train.loop as loop
+
+def refuse(*a, **k):
+    raise AssertionError("the model was loaded before the check")
+
+loop.load_causal_lm = refuse
+assert not os.access(sys.argv[2], os.W_OK)  # the case under test: this process may not write
+started = time.perf_counter()
+try:
+    train(TrainConfig(**json.loads(sys.argv[1])))
+except UserError as err:
+    print(json.dumps({"error": str(err), "seconds": time.perf_counter() - started}))
+else:
+    print(json.dumps({"error": None}))
+"""
+
+
+def _drop_file_capabilities():
+    """In the child, before exec: remove from the bounding set the capabilities that let root write
+    where the mode bits say no (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER), so that exec
+    does not grant them back. The child stays root: it can still run the interpreter it needs."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2, 3):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "PR_CAPBSET_DROP")
+
+
+def test_a_read_only_output_is_refused_before_the_model_loads(tofu_dir, model_dir, tmp_path):
+    """chmod binds only a process without CAP_DAC_OVERRIDE: as root (CI) the run is a child process
+    that drops that capability (and its relatives) first."""
+    import subprocess
+    import sys
+
+    as_root = os.geteuid() == 0
+    base = tmp_path
+    out = base / "ro"
+    out.mkdir()
+    out.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
     try:
-        started = time.perf_counter()
-        with pytest.raises(UserError, match="--output .* is not writable"):
-            train(_config(tofu_dir, model_dir, out))
-        assert time.perf_counter() - started < 2
+        settings = base_settings(tofu_dir, model_dir, out)
+        result = subprocess.run(
+            [sys.executable, "-c", _READ_ONLY_CHILD, json.dumps(settings), str(out)],
+            capture_output=True, text=True, timeout=120, cwd=str(base),
+            env={**os.environ, "HOME": str(base), "OMP_NUM_THREADS": "1",
+                 "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+            preexec_fn=_drop_file_capabilities if as_root else None)
+        assert result.returncode == 0, result.stderr[-2000:]
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        assert report["error"] is not None and re.match(r"--output .* is not writable", report["error"])
+        assert report["seconds"] < 2
+        assert list(out.iterdir()) == []
     finally:
-        if out.exists() and os.geteuid() != 0:
-            out.chmod(stat.S_IRWXU)
+        out.chmod(stat.S_IRWXU)
 
 
 def test_too_little_disk_space_is_refused_before_the_model_loads(tofu_dir, model_dir, tmp_path,
@@ -240,12 +299,19 @@ def test_a_non_finite_gradient_norm_is_named_as_such(tofu_dir, model_dir, tmp_pa
     assert "loss became non-finite" not in message
 
 
-@pytest.mark.parametrize("flag, value", [("lr", float("inf")), ("epochs", float("inf")),
-                                         ("beta", float("nan")), ("warmup_epochs", float("inf")),
-                                         ("alpha", float("inf")), ("alpha", -1.0)])
-def test_non_finite_or_negative_settings_are_refused(tofu_dir, model_dir, tmp_path, flag, value):
-    with pytest.raises(UserError, match=f"--{flag.replace('_', '-')} must"):
+@pytest.mark.parametrize("flag, value, message", [
+    ("lr", float("inf"), "must be a finite number, got inf"),
+    ("epochs", float("inf"), "must be a finite number, got inf"),
+    ("beta", float("nan"), "must be a finite number, got nan"),  # not "must be positive"
+    ("warmup_epochs", float("inf"), "must be a finite number, got inf"),
+    ("alpha", float("inf"), "must be a finite number, got inf"),
+    ("alpha", -1.0, "must not be negative, got -1.0")])
+def test_non_finite_or_negative_settings_are_refused(tofu_dir, model_dir, tmp_path, flag, value,
+                                                     message):
+    """Each case names the check that must fire: the whole message, not a prefix any check has."""
+    with pytest.raises(UserError) as err:
         train(_config(tofu_dir, model_dir, tmp_path / "run", **{flag: value}))
+    assert str(err.value) == f"--{flag.replace('_', '-')} {message}"
     assert not (tmp_path / "run").exists()
 
 
@@ -254,3 +320,67 @@ def test_a_cut_that_leaves_no_answer_tokens_is_refused(tofu_dir, model_dir, tmp_
     with pytest.raises(UserError, match=r"--max-length 1 leaves no answer tokens in 4 of 4 forget, "
                                         r"20 of 20 alternates, 24 of 24 retain sequences"):
         train(_config(tofu_dir, model_dir, tmp_path / "run", max_length=1))
+
+
+# ------------------------------------------------------------------------------------------------
+# the metrics history on --resume
+
+
+def _steps(path):
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+def test_a_cut_metrics_file_is_restored_from_the_checkpoint_on_resume(tofu_dir, model_dir, tmp_path,
+                                                                      capsys):
+    out = tmp_path / "run"
+    assert train(_config(tofu_dir, model_dir, out, max_steps=6, save_every=3)).completed
+    metrics = out / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    assert _steps(metrics) == [1, 2, 3, 4, 5, 6]
+    metrics.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # cut inside step 2
+    capsys.readouterr()
+    assert train(_config(tofu_dir, model_dir, out, max_steps=6, save_every=3, resume=True,
+                         quiet=False)).completed
+    said = capsys.readouterr()
+    said = said.out + said.err
+    assert "lacks the records of steps 2-3 (cut or damaged); restoring them from step-00000003" in said
+    assert _steps(metrics) == [1, 2, 3, 4, 5, 6]
+    assert metrics.read_text().splitlines()[:3] == lines[:3]  # the first run's records, unchanged
+
+
+def test_a_cut_metrics_file_without_a_copy_is_refused_with_the_ways_on(tofu_dir, model_dir, tmp_path,
+                                                                       capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert train(_config(tofu_dir, model_dir, out, max_steps=6, save_every=3)).completed
+    ckpt = out / "checkpoints" / "step-00000003"
+    (ckpt / "metrics.jsonl").unlink()  # a checkpoint from before checkpoints kept the history
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    del manifest["files"]["metrics.jsonl"]
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    metrics = out / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text(lines[0] + "\n" + lines[1][:10])
+    resume = _config(tofu_dir, model_dir, out, max_steps=6, save_every=3, resume=True, quiet=False)
+    with pytest.raises(UserError, match=r"metrics.jsonl lacks the records of steps 2-3 up to the "
+                                        r"checkpoint at step 3 .*no copy.*move it aside.*--overwrite"):
+        train(resume)
+    assert metrics.read_text() == lines[0] + "\n" + lines[1][:10]  # left as it was
+    metrics.rename(out / "metrics.cut.jsonl")
+    capsys.readouterr()
+    assert train(resume).completed
+    said = capsys.readouterr()
+    assert "the history starts at step 4" in said.out + said.err
+    assert _steps(metrics) == [4, 5, 6]
+
+
+def test_records_after_the_checkpoint_are_dropped_with_a_message(tofu_dir, model_dir, tmp_path,
+                                                                 capsys):
+    out = tmp_path / "run"
+    assert train(_config(tofu_dir, model_dir, out, max_steps=5, save_every=2)).completed
+    capsys.readouterr()
+    assert train(_config(tofu_dir, model_dir, out, max_steps=5, save_every=2, resume=True,
+                         quiet=False)).completed
+    said = capsys.readouterr()
+    assert ("1 record(s) of metrics.jsonl after step 4 (steps 5) are dropped: those steps are "
+            "trained again") in said.out + said.err
+    assert _steps(out / "metrics.jsonl") == [1, 2, 3, 4, 5]

@@ -80,7 +80,7 @@ def _reference_loss(model, units):
 
 
 def test_packed_step_matches_unpacked_reference_loss_and_grads(model_dir):
-    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    seed = 1234
     units = _units(seed)
     budget = max(u.num_tokens for u in units) + 8
     # forget groups with some retain rows, then retain rows alone (the retain-only loss path)
@@ -113,7 +113,7 @@ def test_packed_step_matches_unpacked_reference_loss_and_grads(model_dir):
 
 def test_micro_batch_split_does_not_change_the_step(model_dir):
     """The same step packed into 1 micro-batch and into many gives the same gradient."""
-    units = _units(int(torch.randint(0, 2**31 - 1, (1,))))
+    units = _units(2345)
     num_pairs, num_retain_tokens = step_normalisers(units)
     grads = []
     for budget in (sum(u.num_tokens for u in units), max(u.num_tokens for u in units)):
@@ -128,7 +128,7 @@ def test_micro_batch_split_does_not_change_the_step(model_dir):
 
 
 def test_sequence_logprobs_match_stock_forward(model_dir):
-    rng = random.Random(int(torch.randint(0, 2**31 - 1, (1,))))
+    rng = random.Random(3456)
     seqs = []
     for _ in range(7):
         ids = [rng.randrange(VOCAB) for _ in range(rng.randint(4, 30))]
@@ -152,7 +152,7 @@ def test_activation_checkpointing_gives_the_same_step(model_dir, mode):
     """Recomputing each layer in backward (and parking its inputs on the CPU) changes no number."""
     from altpo.model.activation_checkpointing import enable_activation_checkpointing, offload_saved_tensors
 
-    units = _units(int(torch.randint(0, 2**31 - 1, (1,))))
+    units = _units(4567)
     num_pairs, num_retain_tokens = step_normalisers(units)
     mbs = pack_micro_batches(units, max(u.num_tokens for u in units) + 8)
     results = []
