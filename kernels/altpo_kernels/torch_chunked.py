@@ -103,9 +103,35 @@ def logprobs_backward(hidden, weight, labels, lse, grad_logp, need_dh=True, need
         token_chunk=token_chunk or BACKWARD_TOKEN_CHUNK, vocab_band=vocab_band or BACKWARD_VOCAB_BAND)
 
 
+# Tokens per step of the CUDA segment sum: a [num_seqs, 4096] fp32 mask-product at a time.
+SEGMENT_TOKEN_CHUNK = 4096
+
+
 def segment_sum(values, seq_ids, num_seqs: int):
+    """``out[s] = sum of values[t] with seq_ids[t] == s`` (fp32), bit-identical run to run.
+
+    On the CPU ``index_add_`` adds in token order. On CUDA it adds with atomics (order varies
+    between runs), so there the sums are masked row reductions over fixed token chunks, added in
+    chunk order: no atomics, ``num_seqs x 4096`` floats of workspace.
+    """
+    values = values.float()
+    seq_ids = seq_ids.long()
     out = torch.zeros(num_seqs, dtype=torch.float32, device=values.device)
-    return out.index_add_(0, seq_ids.long(), values.float())
+    if values.device.type != "cuda":
+        return out.index_add_(0, seq_ids, values)
+    return masked_segment_sum(values, seq_ids, num_seqs, SEGMENT_TOKEN_CHUNK)
+
+
+def masked_segment_sum(values, seq_ids, num_seqs: int, token_chunk: int):
+    """The atomic-free segment sum: per chunk of ``token_chunk`` tokens, a ``[num_seqs, chunk]``
+    masked tile reduced along tokens, chunks added in order."""
+    out = torch.zeros(num_seqs, dtype=torch.float32, device=values.device)
+    segs = torch.arange(num_seqs, device=values.device)[:, None]
+    for start in range(0, values.shape[0], token_chunk):
+        ids = seq_ids[start:start + token_chunk].long()
+        vals = values[start:start + token_chunk].float()
+        out += torch.where(ids[None, :] == segs, vals[None, :], 0.0).sum(dim=1)
+    return out
 
 
 def gather_segments(seq_values, seq_ids):
