@@ -184,6 +184,7 @@ def test_fp16_scale_rule():
     g = torch.tensor([1e-4, -3e-4, 0.0, 0.0, 5.0, -2.0, 1e-30])
     scales = chunk_scales(g, 2, torch.float16)
     # chunk max |g|: 3e-4 -> 2**14 / 2**-11 = 2**25; 0 -> 1; 5 -> 2**(14-3); 1e-30 -> capped 2**60
+    # (what each chunk alone would get; the loop applies one scale, that of the largest)
     assert scales == [2.0**25, 1.0, 2.0**11, 2.0**60]
     for s, chunk in zip(scales, g.split(2)):
         assert s * chunk.abs().max() <= 2.0**14
@@ -200,3 +201,20 @@ def test_workspace_formula_at_llama3_shape():
     # one chunk: no dW accumulator
     assert workspace_bytes(4096, 2048, 128256, torch.bfloat16) == 4096 * 2048 * 2 + 4096 * 4
     assert workspace_bytes(16384, 2048, 128256, torch.bfloat16, need_dw=False) < fused
+    # fp16 always accumulates dW in fp32 (its G carries the scale), one chunk included
+    assert workspace_bytes(4096, 2048, 128256, torch.float16) == \
+        4096 * 2048 * 2 + 2048 * 2048 * 4 + 4096 * 4
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp16_single_chunk_accumulates_dw_in_fp32(backend):
+    """fp16, all tokens in one chunk, small upstream gradients: dW goes through the fp32
+    accumulator (a direct fp16 GEMM output would hold the scaled sums) and matches float64."""
+    hidden, weight, labels, upstream = _inputs(torch.float16, 10)
+    upstream = upstream * 3e-4
+    dh, dw = BACKWARDS[backend](hidden, weight, labels, _lse(hidden, weight, labels), upstream,
+                                True, True, token_chunk=N + 10, vocab_band=BAND)
+    _, ref_dh, ref_dw = _reference(hidden, weight, labels, upstream)
+    for got, ref, what in ((dh, ref_dh, "dH"), (dw, ref_dw, "dW")):
+        err = (got.double().cpu() - ref).abs().max() / ref.abs().max()
+        assert err < 3e-3, f"{what}: max error {err:.3g} of the gradient's scale"
