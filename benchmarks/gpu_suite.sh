@@ -21,6 +21,9 @@
 #   kernels      180 s  python -m benchmarks.kernels --tokens 4096 16384: fwd+bwd against TRL's
 #                       fused head, torch.compile (static and dynamic), Liger and CCE, with memory
 #   calibrate     30 s  cuBLAS mm/addmm with fp32 outputs at the chunked backward's shapes
+#   bands         60 s  python -m benchmarks.kernels --band-sweep: the Triton backward at
+#                       vocabulary bands 2048/4096/8192, N = 4096 and 16384; the best and its
+#                       workspace, and the default band's time over the best
 #   step          90 s  python -m benchmarks.step
 #   cuda          60 s  python -m benchmarks.cuda_vs_triton (needs build/libaltpo_csrc.so)
 #   packed        30 s  python -m benchmarks.packed_vs_padded
@@ -45,7 +48,7 @@ while [ $# -gt 0 ]; do
         --out-dir) out_dir="$2"; shift ;;
         --budget) budget="$2"; shift ;;
         --parts) only="$2"; shift ;;
-        -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
         *) echo "gpu_suite.sh: unknown argument $1 (use --quick, --budget SECONDS, --parts A,B or --out-dir DIR)" >&2; exit 2 ;;
     esac
     shift
@@ -93,7 +96,7 @@ if [ "$quick" = 1 ]; then
     tests=(tests/kernels/test_kernel_input_errors.py)
     q=(--quick)
     declare -A limit=([gpu-tests]=120 [probe]=60 [determinism]=120 [kernels]=400 [calibrate]=60
-                      [step]=300 [cuda]=0 [packed]=120 [compile]=150)
+                      [bands]=120 [step]=300 [cuda]=0 [packed]=120 [compile]=150)
     kernel_args=(--quick)
     packed_args=(--quick --workloads tofu)
 else
@@ -106,20 +109,20 @@ else
     done
     q=()
     declare -A limit=([gpu-tests]=150 [probe]=30 [determinism]=60 [kernels]=180 [calibrate]=30
-                      [step]=90 [cuda]=60 [packed]=30 [compile]=150)
+                      [bands]=60 [step]=90 [cuda]=60 [packed]=30 [compile]=150)
     kernel_args=(--tokens 4096 16384)
     packed_args=(--budget-s 1)
 fi
 [ "$have_csrc" = 1 ] || limit[cuda]=0
 if [ -n "$only" ]; then
-    for p in gpu-tests probe determinism kernels calibrate step cuda packed compile; do
+    for p in gpu-tests probe determinism kernels calibrate bands step cuda packed compile; do
         case ",$only," in *",$p,"*) ;; *) limit[$p]=0 ;; esac
     done
 fi
 report_reserve=25
 
 # Plan: keep parts in priority order while their limits fit the budget; drop the rest.
-order=(gpu-tests probe determinism kernels calibrate step cuda packed)
+order=(gpu-tests probe determinism kernels calibrate bands step cuda packed)
 planned=() ; dropped=() ; total=$report_reserve
 for p in "${order[@]}"; do
     [ "${limit[$p]}" = 0 ] && continue
@@ -173,6 +176,7 @@ if planned_has kernels; then
     part kernels "$PY" -m benchmarks.kernels "${kernel_args[@]}" --deadline $((lim * 3 / 4)) --out "$work/kernels.json"
 fi
 planned_has calibrate && part calibrate "$PY" -m benchmarks.kernels --calibrate "${q[@]}" --out "$work/calibrate.json"
+planned_has bands && part bands "$PY" -m benchmarks.kernels --band-sweep "${q[@]}" --out "$work/bands.json"
 planned_has step && part step "$PY" -m benchmarks.step "${q[@]}" --out "$work/step.json"
 planned_has cuda && part cuda "$PY" -m benchmarks.cuda_vs_triton --budget 0.5 --out "$work/cuda_vs_triton.json"
 planned_has packed && part packed "$PY" -m benchmarks.packed_vs_padded "${packed_args[@]}" --out "$work/packed.json"
@@ -190,7 +194,7 @@ say "done in $((SECONDS - t_start))s; results in $out_dir"
 
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
     cp "$out_dir"/*.json "$out_dir"/*.md "$out_dir"/*.png "$OUT"/ 2>/dev/null
-    cp "$work"/calibrate.json "$work"/cuda_vs_triton.json "$work"/probe.json "$work"/determinism.json "$OUT"/ 2>/dev/null
+    cp "$work"/calibrate.json "$work"/cuda_vs_triton.json "$work"/probe.json "$work"/determinism.json "$work"/bands.json "$OUT"/ 2>/dev/null
     tar -czf "$OUT/suite-logs.tar.gz" -C "$work" . 2>/dev/null
     cp "$log" "$OUT/suite.log"
 fi

@@ -586,7 +586,7 @@ def gemm_calibration(device: torch.device, h: int, v: int, n: int, budget_s: flo
     from altpo_kernels.chunked_backward import chunk_sizes, gemm_into
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    c, vb = chunk_sizes(n, v, h=h, dtype=dtype)
+    c, vb = chunk_sizes(n, v, h=h, dtype=dtype, device_type=device.type)
     gen = torch.Generator(device="cpu").manual_seed(7)
     hid = torch.randn(c, h, generator=gen).to(device, dtype)
     w = (torch.randn(vb, h, generator=gen) * h**-0.5).to(device, dtype)
@@ -635,7 +635,7 @@ def band_sweep(device: torch.device, n: int, h: int, v: int, bands, budget_s: fl
     upstream = ((torch.rand(n, generator=gen) + 0.5) / n).to(device)
     mod = backend_module(backend)
     _, lse = mod.logprobs_forward(hidden, weight, labels)
-    default_band = chunk_sizes(n, v, h=h, dtype=dtype)[1]
+    default_band = chunk_sizes(n, v, h=h, dtype=dtype, device_type=device.type)[1]
     base = mod.logprobs_backward(hidden, weight, labels, lse, upstream, True, True)
     rows = []
     for band in dict.fromkeys([*bands, default_band]):

@@ -39,7 +39,8 @@ fp32 have fp32's exponent range and use ``s = 1``.
 
 Workspace (bytes, excluding the inputs and the outputs: dW in the weight's dtype and the fp32 dH
 accumulator [N, H], which is the dH output before its final cast), ``e`` the element size of G
-(2 for 16-bit inputs, 4 for fp32), ``C = min(N, token_chunk)``, ``Vb = min(V, vocab_band)``::
+(2 for 16-bit inputs, 4 for fp32), ``C = min(N, token_chunk)``, ``Vb = min(V, vocab_band)``
+(default band: :func:`default_vocab_band`)::
 
     G tile                     C * Vb * e
     dW band accumulator        Vb * H * 4     only with need_dw, 16-bit weights and (N > C or fp16)
@@ -49,8 +50,8 @@ accumulator [N, H], which is the dH output before its final cast), ``e`` the ele
 plus, on the CPU with 16-bit inputs only (torch's CPU GEMMs have no fp32 output for 16-bit
 operands), fp32 copies of the GEMM operands: ``4 * (C * Vb + Vb * H + C * H)``.
 :func:`workspace_bytes` computes it. At H=2048, V=128256, N=16384 bf16 with the default chunks
-(C=4096, Vb=2048) the triton backend needs 16 + 16 MiB + 64 KiB = 32.1 MiB, the torch backend
-8 MiB more.
+(C=4096, Vb=4096) the triton backend needs 32 + 32 MiB + 64 KiB = 64.1 MiB, the torch backend
+16 MiB more.
 """
 
 from __future__ import annotations
@@ -60,10 +61,18 @@ from typing import Callable
 
 import torch
 
-# Default chunk sizes. C x Vb GEMMs of 4096 x 2048 (x H) are large enough to run cuBLAS near its
-# peak, and the two workspace tiles stay at 16 MiB each at H = 2048 in bf16.
+# Default token chunk: C x Vb GEMMs of 4096 x Vb (x H) are large enough to run cuBLAS near its peak.
 TOKEN_CHUNK = 4096
-VOCAB_BAND = 2048
+# Default vocabulary band: None means default_vocab_band(), a formula of N, H, V and the dtype;
+# an integer fixes it for every call.
+VOCAB_BAND = None
+# The band formula's bounds: the G tile plus the dW band accumulator within 64 MiB (1/8 of the
+# 512 MiB fp32 logits tile TRL's fused head works in), bands of 1024 to 8192 entries.
+BAND_WORKSPACE = 64 * 2**20
+MIN_BAND, MAX_BAND = 1024, 8192
+# Off CUDA (the CPU), bands stay at 2048: the CPU's caches favour small tiles (the CPU band sweep
+# measured 4096 1.8x slower than 1024 at N=512, H=64) and its GEMMs gain nothing from larger ones.
+CPU_BAND = 2048
 # fp16: scale G so that its largest possible entry is about 2**14 (see the module docstring).
 FP16_TARGET_EXPONENT = 14
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
@@ -71,11 +80,42 @@ SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 Producer = Callable[..., float]
 
 
-def chunk_sizes(n: int, v: int, token_chunk: int | None = None,
-                vocab_band: int | None = None) -> tuple[int, int]:
-    """``(C, Vb)``: the token chunk and vocabulary band the loop will use for N tokens, V entries."""
+def default_vocab_band(n: int, h: int, v: int, dtype: torch.dtype, need_dw: bool = True,
+                       token_chunk: int | None = None, device_type: str = "cuda") -> int:
+    """The vocabulary band when none is given: the largest power of two in [MIN_BAND, MAX_BAND]
+    whose G tile (``C x Vb``) and dW band accumulator (``Vb x H`` fp32, where one is needed) fit
+    ``BAND_WORKSPACE``; at most V.
+
+    Why larger is better up to there: every band re-reads and re-writes the fp32 dH accumulator of
+    each token chunk (``C x H x 8`` bytes per ``2 C Vb H`` FLOPs of its GEMM: ``Vb / 4`` FLOPs a
+    byte, which wants Vb in the thousands on an H100), and fewer bands mean fewer launches. H =
+    2048, V = 128256, bf16: N = 16384 gives 4096 (32 MiB tile + 32 MiB accumulator, 32 bands);
+    N = 4096 (one chunk, no accumulator) gives 8192; fp32 gives 4096. Off CUDA: ``CPU_BAND``.
+    """
+    if device_type != "cuda":
+        return max(1, min(v, CPU_BAND))
+    c = max(1, min(n, TOKEN_CHUNK if token_chunk is None else int(token_chunk)))
+    e = 2 if dtype in SIXTEEN_BIT else 4
+    acc = need_dw and dtype in SIXTEEN_BIT and (n > c or dtype == torch.float16)
+    per_entry = c * e + (h * 4 if acc else 0)
+    vb = MAX_BAND
+    while vb > MIN_BAND and vb * per_entry > BAND_WORKSPACE:
+        vb //= 2
+    return max(1, min(v, vb))
+
+
+def chunk_sizes(n: int, v: int, token_chunk: int | None = None, vocab_band: int | None = None,
+                *, h: int = 0, dtype: torch.dtype = torch.bfloat16, need_dw: bool = True,
+                device_type: str = "cuda") -> tuple[int, int]:
+    """``(C, Vb)``: the token chunk and vocabulary band the loop will use for N tokens, V entries
+    (hidden size ``h`` and ``dtype`` set the default band, :func:`default_vocab_band`)."""
     c = TOKEN_CHUNK if token_chunk is None else int(token_chunk)
-    vb = VOCAB_BAND if vocab_band is None else int(vocab_band)
+    if vocab_band is None:
+        vocab_band = VOCAB_BAND
+    if vocab_band is None:
+        vb = default_vocab_band(n, h, v, dtype, need_dw, c, device_type)
+    else:
+        vb = int(vocab_band)
     if c <= 0 or vb <= 0:
         raise ValueError(f"token_chunk and vocab_band must be positive, got {token_chunk}, {vocab_band}")
     return max(1, min(n, c)), max(1, min(v, vb))
@@ -89,7 +129,8 @@ def workspace_bytes(n: int, h: int, v: int, dtype: torch.dtype, *, backend: str 
     ``backend`` is ``"triton"``/``"cuda"`` (G written straight into the tile) or ``"torch"`` (an
     fp32 logits tile first); ``device`` is ``"cuda"`` or ``"cpu"``.
     """
-    c, vb = chunk_sizes(n, v, token_chunk, vocab_band)
+    c, vb = chunk_sizes(n, v, token_chunk, vocab_band, h=h, dtype=dtype, need_dw=need_dw,
+                        device_type=device)
     e = 2 if dtype in SIXTEEN_BIT else 4
     total = c * vb * e + n * 4
     if need_dw and dtype in SIXTEEN_BIT and (n > c or dtype == torch.float16):
@@ -295,7 +336,8 @@ def chunked_logprobs_backward(hidden, weight, labels, lse, grad_logp, need_dh: b
         if need_dw:
             dw.zero_()
         return (dh.to(dtype) if need_dh else None), dw
-    c, vb = chunk_sizes(n, v, token_chunk, vocab_band)
+    c, vb = chunk_sizes(n, v, token_chunk, vocab_band, h=h, dtype=dtype, need_dw=need_dw,
+                        device_type=device.type)
     chunks = [(t0, min(n, t0 + c)) for t0 in range(0, n, c)]
     # fp16: one power-of-two scale for all tokens, computed and applied on the device (no host
     # synchronisation); undone exactly on the fp32 accumulators at the end.
