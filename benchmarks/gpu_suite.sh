@@ -104,7 +104,7 @@ else
     for f in tests/kernels/test_chunked_backward.py tests/kernels/test_gemm_safety.py \
              tests/kernels/test_linear_logprobs.py tests/kernels/test_altpo_loss.py \
              tests/kernels/triton/test_triton_logprobs.py tests/kernels/triton/test_triton_segment_ops.py \
-             tests/kernels/test_kernel_input_errors.py; do
+             tests/kernels/test_kernel_input_errors.py tests/kernels/test_head_transforms.py; do
         [ -f "$f" ] && tests+=("$f")
     done
     q=()
