@@ -29,9 +29,10 @@
 #   packed        30 s  python -m benchmarks.packed_vs_padded
 #   compile       --    python -m benchmarks.compile_report (CPU only, runs beside gpu-tests)
 #   report        25 s  python -m benchmarks.report -> benchmarks/results/<date>-<card>.json/.md/.png
-# --budget SECONDS (default 600, 1500 with --quick; SUITE_BUDGET_S also sets it) drops parts from
-# the lowest priority up until the planned limits fit, and shrinks a running part's limit to what
-# is left. A dropped part is listed as dropped, not failed. --parts A,B runs only those parts
+# --budget SECONDS (default 600, 1500 with --quick; SUITE_BUDGET_S also sets it): parts run in the
+# priority order above, and a part starts only when its whole limit fits what is left of the
+# budget after the report's reserve; otherwise it is dropped (listed as dropped, not failed), so
+# the lowest-priority parts go first and the suite ends within the budget. --parts A,B runs only those parts
 # (names above). When $OUT is set, results and logs are copied there.
 set -uo pipefail
 
@@ -121,32 +122,25 @@ if [ -n "$only" ]; then
 fi
 report_reserve=25
 
-# Plan: keep parts in priority order while their limits fit the budget; drop the rest.
+# Parts in priority order; each starts only if its whole limit fits what is left (part() below).
 order=(gpu-tests probe determinism kernels calibrate bands step cuda packed)
-planned=() ; dropped=() ; total=$report_reserve
-for p in "${order[@]}"; do
-    [ "${limit[$p]}" = 0 ] && continue
-    if [ $((total + limit[$p])) -le "$budget" ]; then
-        planned+=("$p"); total=$((total + limit[$p]))
-    else
-        dropped+=("$p")
-    fi
-done
-say "budget ${budget}s: running${only:+ (--parts $only)} ${planned[*]:-nothing}; dropped for the budget: ${dropped[*]:-none}"
+planned=()
+for p in "${order[@]}"; do [ "${limit[$p]}" = 0 ] || planned+=("$p"); done
+say "budget ${budget}s, in order${only:+ (--parts $only)}: ${planned[*]:-nothing} (a part starts only if its limit fits what is left)"
 [ "$have_csrc" = 1 ] || [ "$quick" = 1 ] || say "cuda part left out: build/libaltpo_csrc.so is absent (bash scripts/build_csrc.sh)"
 
 : >"$work/parts.txt"
 failed=()
-fit() {  # fit LIMIT: the limit, shrunk to what the budget has left after the report
-    local left=$((budget - (SECONDS - t_start) - report_reserve))
-    [ "$left" -lt 5 ] && left=5
-    [ "$1" -lt "$left" ] && echo "$1" || echo "$left"
-}
-part() {  # part NAME COMMAND...: runs under its (fitted) limit; a non-zero exit is a failure
+left() { echo $((budget - (SECONDS - t_start) - report_reserve)); }
+part() {  # part NAME COMMAND...: runs under its limit if that fits the budget; non-zero exit fails
     local name="$1"
     shift
-    local lim
-    lim=$(fit "${limit[$name]}")
+    local lim="${limit[$name]}"
+    if [ "$name" != compile ] && [ "$lim" -gt "$(left)" ]; then
+        say "drop $name: its ${lim}s limit does not fit the $(left)s left of the budget"
+        echo "$name" >>"$work/dropped.txt"
+        return 0
+    fi
     say "start $name (limit ${lim}s)"
     local t0=$SECONDS
     timeout --kill-after=10 "$lim" "$@" >"$work/$name.log" 2>&1
@@ -170,17 +164,13 @@ planned_has gpu-tests && part gpu-tests "$PY" -m pytest -q -p no:cacheprovider -
 wait "$compile_pid"
 planned_has probe && part probe "$PY" -m benchmarks.first_checks probe "${q[@]}" --out "$work/probe.json"
 planned_has determinism && part determinism "$PY" -m benchmarks.first_checks determinism "${q[@]}" --out "$work/determinism.json"
-if planned_has kernels; then
-    lim=$(fit "${limit[kernels]}")
-    # the deadline leaves room for the measurement in flight when it passes
-    part kernels "$PY" -m benchmarks.kernels "${kernel_args[@]}" --deadline $((lim * 3 / 4)) --out "$work/kernels.json"
-fi
+# the deadline leaves room for the measurement in flight when it passes
+planned_has kernels && part kernels "$PY" -m benchmarks.kernels "${kernel_args[@]}" --deadline $((limit[kernels] * 3 / 4)) --out "$work/kernels.json"
 planned_has calibrate && part calibrate "$PY" -m benchmarks.kernels --calibrate "${q[@]}" --out "$work/calibrate.json"
 planned_has bands && part bands "$PY" -m benchmarks.kernels --band-sweep "${q[@]}" --out "$work/bands.json"
 planned_has step && part step "$PY" -m benchmarks.step "${q[@]}" --out "$work/step.json"
 planned_has cuda && part cuda "$PY" -m benchmarks.cuda_vs_triton --budget 0.5 --out "$work/cuda_vs_triton.json"
 planned_has packed && part packed "$PY" -m benchmarks.packed_vs_padded "${packed_args[@]}" --out "$work/packed.json"
-for p in "${dropped[@]}"; do echo "$p dropped 0" >>"$work/dropped.txt"; done
 
 say "report"
 "$PY" -m benchmarks.report --kernels "$work/kernels.json" --step "$work/step.json" \
@@ -190,6 +180,8 @@ report_rc=$?
 tee -a "$log" <"$work/report.log"
 [ "$report_rc" = 0 ] || echo "report" >>"$work/failed.txt"
 [ -f "$work/failed.txt" ] && mapfile -t failed <"$work/failed.txt"
+dropped=()
+[ -f "$work/dropped.txt" ] && mapfile -t dropped <"$work/dropped.txt"
 say "done in $((SECONDS - t_start))s; results in $out_dir"
 
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
