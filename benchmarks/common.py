@@ -100,6 +100,18 @@ def _version(module: str) -> str | None:
     return getattr(mod, "__version__", "unknown")
 
 
+PEER_DISTRIBUTIONS = ("trl", "cut-cross-entropy", "liger-kernel")
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def run_metadata(device: torch.device) -> dict:
     """When, where and on what code a result was measured."""
     meta = {
@@ -113,6 +125,8 @@ def run_metadata(device: torch.device) -> dict:
         "triton": _version("triton"),
         "transformers": _version("transformers"),
         "cpu_threads": torch.get_num_threads(),
+        # the peers' versions (None: not installed), read from their installed metadata
+        "peers": {name: _dist_version(name) for name in PEER_DISTRIBUTIONS},
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

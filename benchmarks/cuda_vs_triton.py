@@ -1,8 +1,13 @@
 """The ``cuda`` backend beside the ``triton`` backend: each timed, and each checked against the other.
 
-The two share no kernel code: ``triton`` fuses the matmuls and the softmax math in Triton kernels;
-``cuda`` runs every matmul in cuBLAS (torch.mm) and the softmax math in the C++ epilogues of
-``kernels/csrc``. Agreement between them at full size is the GPU check neither can give alone.
+What differs and what is shared: the forward is separate code (``triton``: one Triton kernel with
+the logits tile in registers and an online log-sum-exp; ``cuda``: cuBLAS logits tiles folded by
+the C++ forward epilogue of ``kernels/csrc``), and so is the backward's G producer (a Triton
+kernel against cuBLAS plus the C++ backward epilogue). Both backwards then run the same chunk loop
+(``chunked_backward.py``) and the same cuBLAS GEMMs (``gemm_into``) for dH and dW. Agreement at
+full size therefore checks the two forwards and the two G producers against each other; a fault
+in the shared loop or GEMMs would show in both and is caught only by the float64 comparison
+(N = 1024 here, and the kernel tests).
 
 For each shape and dtype, both backends run ``logprobs_forward`` and ``logprobs_backward``
 (dH and dW) on the same inputs; the script reports median time, TFLOP/s (executed: forward 2NHV,
@@ -12,7 +17,8 @@ float64 reference fits (N * V <= 1024 * 128256), both are also compared with it.
 gradient is that of a mean over tokens (|g| ~ 1/N), where fp16's range matters.
 
 A disagreement over the bound (logp 1e-3 absolute in fp32 accumulation; gradients 2e-2 relative
-for 16-bit inputs, 1e-4 for fp32) makes the script exit with status 1.
+for 16-bit inputs, 1e-4 for fp32), or a requested backend that fails to run (no library, an error
+in forward or backward), makes the script exit with status 1.
 
     bash scripts/build_csrc.sh                                    # once: build/libaltpo_csrc.so
     python -m benchmarks.cuda_vs_triton --out cuda_vs_triton.json # on a GPU
@@ -209,10 +215,22 @@ def main(argv=None) -> int:
     payload = run(args)
     print(summary(payload))
     bad = [name for case in payload["cases"] for name, c in case["checks"].items() if not c["ok"]]
+    failed = failed_backends(payload, args.backends)
     if bad:
         eprint(f"[cuda_vs_triton] disagreement over the bounds: {', '.join(bad)}")
-        return 1
-    return 0
+    for msg in failed:
+        eprint(f"[cuda_vs_triton] backend failed: {msg}")
+    return 1 if bad or failed else 0
+
+
+def failed_backends(payload, requested) -> list[str]:
+    """``"N=.. dtype backend: status"`` for every requested backend whose run was not ``ok``."""
+    out = []
+    for case in payload["cases"]:
+        for r in case["rows"]:
+            if r["backend"] in requested and r.get("status") != "ok":
+                out.append(f"N={case['n']} {case['dtype']} {r['backend']}: {r.get('status')}")
+    return out
 
 
 if __name__ == "__main__":

@@ -4,21 +4,27 @@ For each op, token count N and pass (forward, backward, full = forward + backwar
 available variant side by side in one run and measures its peak memory:
 
     materialised          logits = hidden @ weight.T, fp32 log_softmax, gather (what HF does)
-    materialised-compile  torch.compile of the same function
+    materialised-compile  torch.compile of the same function, dynamic shapes (one compile for
+                          every N)
+    materialised-compile-static  torch.compile of it with static shapes (one compile per N)
+    trl                   TRL's fused LM head, trl.kernels.chunked_logprob.ChunkedLogProbFunction
+                          (cuBLAS on [4096 x 32768] tiles plus a Triton epilogue on CUDA, torch
+                          ops on the CPU), with the vocabulary chunk its DPO trainer passes
     altpo-torch           altpo_kernels, backend="torch" (chunked, never holds the logits)
     altpo-triton          altpo_kernels, backend="triton" (CUDA; the Triton interpreter on CPU)
     reference             altpo_kernels, backend="reference" (float64; --quick only)
-    liger                 Liger-Kernel: LigerFusedLinearCrossEntropyLoss(reduction="none") for
-                          linear_logprobs, LigerFusedLinearDPOLoss for the loss (DPO, see below)
-    cce                   cut_cross_entropy.linear_cross_entropy(reduction="none"); the AltPO
-                          loss is built from its per-token values
+    liger                 Liger-Kernel: LigerFusedLinearCrossEntropyLoss(reduction="none")
+    cce                   cut_cross_entropy.linear_cross_entropy(reduction="none"): impl "cce"
+                          (its Triton kernels) on CUDA, its CPU-capable "torch_compile" impl on
+                          the CPU
+For the loss, every peer computes the same thing on the same packed batch: its per-token
+log-probs (-cross-entropy for Liger and CCE), then the same AltPO assembly (forget pairs and the
+retain NLL) in torch.
 
 Shapes: H=2048, V=128256, N in {4096, 16384, 65536}, bf16 on a GPU; ``--quick`` runs small fp32
 shapes on the CPU. Every label is a real token (no ignored rows), so every variant does the same
 work. The loss layout is 32 pairs: 32 alternate, 32 forget-answer and 32 retain sequences of
-random lengths packed into N tokens. Liger's DPO loss takes [2B, T, H] chosen-then-rejected
-blocks, so it gets the same N tokens as 64 sequences of N/64; per token the work is the same (one
-log-prob, one gradient coefficient).
+random lengths packed into N tokens, the same for every variant.
 
 Effective TFLOP/s counts model FLOPs, the same for every variant: forward 2NHV, backward 4NHV
 (dH and dW), full 6NHV. The fused kernels also recompute the logits in backward (2NHV more), which
@@ -30,8 +36,10 @@ Correctness: before timing, each variant's value and both gradients are compared
 reference (``altpo_kernels``' ``reference`` backend) on the same inputs, up to N*V = 4096*128256;
 norm-relative error over 1e-3 (fp32) or 2e-2 (bf16) fails the run.
 
-Memory: peak allocated above the inputs (see benchmarks/common.py for how, on CUDA and on the
-CPU). ``--quick`` also measures the memory ratio of the torch backend against the materialised
+Memory: peak allocated above the inputs, measured the same way for every variant (see
+benchmarks/common.py for how, on CUDA and on the CPU); that is the ``workspace_mib`` column. The
+fused backends' formula (``chunked_backward.workspace_bytes``) is reported beside it as
+``workspace_formula_mib``, not instead of it. ``--quick`` also measures the memory ratio of the torch backend against the materialised
 path at N=4096, H=256, V=32000 (forward + backward), each variant in a fresh subprocess.
 
     python -m benchmarks.kernels --quick --out k.json
@@ -80,10 +88,13 @@ FUSED_FLOPS = {"forward": 2, "backward": 6, "full": 8}
 # Run order: when the suite's deadline cuts a run short, the comparisons that matter most are done.
 # The comparisons the goals need come first (torch.compile of the materialised path, Liger), so a
 # deadline cuts the less important ones.
-VARIANTS = ("altpo-triton", "materialised-compile", "liger", "materialised", "cce", "altpo-torch",
-            "reference")
+VARIANTS = ("altpo-triton", "trl", "materialised-compile", "materialised-compile-static", "liger",
+            "cce", "materialised", "altpo-torch", "reference")
 # Ratios printed against these baselines (time of baseline / time of variant).
-BASELINES = ("materialised-compile", "liger", "materialised")
+BASELINES = ("trl", "materialised-compile", "materialised-compile-static", "liger", "cce",
+             "materialised")
+# The vocabulary chunk TRL's DPO trainer hands ChunkedLogProbFunction (trl/trainer/utils.py).
+TRL_CHUNK_SIZE = 32768
 GPU_SHAPES = [(n, 2048, 128256) for n in (4096, 16384, 65536)]
 # CPU --quick: the first shape is small enough for the Triton interpreter.
 QUICK_SHAPES = [(64, 32, 512), (512, 64, 4096)]
@@ -180,6 +191,9 @@ def availability(device: torch.device, args) -> dict:
         "materialised": None,
         "materialised-compile": None if (cuda or args.with_compile) else
         "skipped on CPU (compile time dominates; --with-compile runs it)",
+        "materialised-compile-static": None if (cuda or args.with_compile) else
+        "skipped on CPU (compile time dominates; --with-compile runs it)",
+        "trl": _trl_ready(),
         "altpo-torch": None,
         "altpo-triton": _triton_backend_ready(),
         "reference": None if (not cuda or args.with_reference) else
@@ -187,8 +201,6 @@ def availability(device: torch.device, args) -> dict:
         "liger": None if importlib.util.find_spec("liger_kernel") else "liger_kernel not installed",
         "cce": None if importlib.util.find_spec("cut_cross_entropy") else "cut_cross_entropy not installed",
     }
-    if why["cce"] is None and not cuda:
-        why["cce"] = "cut_cross_entropy's kernels need CUDA"
     if args.variants:
         for name in VARIANTS:
             if name not in args.variants and why[name] is None:
@@ -196,42 +208,45 @@ def availability(device: torch.device, args) -> dict:
     return why
 
 
+def _trl_ready() -> str | None:
+    if importlib.util.find_spec("trl") is None:
+        return "trl not installed"
+    try:
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - an older TRL without the fused head
+        return f"trl has no kernels.chunked_logprob ({type(err).__name__}: {str(err)[:120]})"
+    return None
+
+
+def trl_logprobs(hidden, weight, labels):
+    """Per-token log-probs from TRL's fused head: no bias, temperature 1, no extra outputs."""
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    out = ChunkedLogProbFunction.apply(hidden, weight, None, labels, 1.0, TRL_CHUNK_SIZE, None, 1.0, ())
+    return _first(out).float()
+
+
+def cce_logprobs(hidden, weight, labels):
+    """-cross-entropy per token from cut-cross-entropy: its Triton kernels on CUDA, its
+    torch.compile implementation (the one that runs on a CPU) elsewhere."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    impl = "cce" if hidden.device.type == "cuda" else "torch_compile"
+    return -linear_cross_entropy(hidden, weight, labels, reduction="none", impl=impl).float()
+
+
 _COMPILED = {}
 
 
-def _compiled(fn):
-    if fn not in _COMPILED:
-        # one compilation serves every N (dynamic shapes), so the suite pays for it once per op
-        _COMPILED[fn] = torch.compile(fn, dynamic=True)
-    return _COMPILED[fn]
-
-
-def _liger_dpo_module():
-    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
-
-    params = inspect.signature(LigerFusedLinearDPOLoss.__init__).parameters
-    kw = {"beta": BETA}
-    if "use_ref_model" in params:
-        kw["use_ref_model"] = False  # reference log-probs are constants: ours are cached too
-    if "compute_nll_loss" in params:
-        kw["compute_nll_loss"] = False
-    if "average_log_prob" in params:
-        kw["average_log_prob"] = False  # summed sequence log-probs, as AltPO uses
-    if "compiled" in params:
-        kw["compiled"] = torch.cuda.is_available()
-    return LigerFusedLinearDPOLoss(**kw)
+def _compiled(fn, dynamic: bool = True):
+    if (fn, dynamic) not in _COMPILED:
+        # dynamic: one compilation serves every N; static: one per N (what a fixed-shape user gets)
+        _COMPILED[(fn, dynamic)] = torch.compile(fn, dynamic=dynamic)
+    return _COMPILED[(fn, dynamic)]
 
 
 def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def liger_layout(x: dict):
-    """The first N' = 64*T tokens as [2B, T] chosen-then-rejected blocks (B = 32 pairs)."""
-    n, h = x["hidden"].shape
-    rows = 2 * NUM_PAIRS
-    t = n // rows
-    return rows, t
 
 
 def build_forward(variant: str, op: str, x: dict):
@@ -246,41 +261,32 @@ def build_forward(variant: str, op: str, x: dict):
         return lambda: altpo_loss(hidden, weight, labels, x["seq_ids"], x["win"], x["lose"],
                                   x["retain"], x["ref_win"], x["ref_lose"], beta=BETA, alpha=ALPHA,
                                   gamma=GAMMA, backend=backend).loss
-    if variant in ("materialised", "materialised-compile"):
+    if variant.startswith("materialised"):
+        static = variant == "materialised-compile-static"
+        compiled = variant != "materialised"
         if op == "linear_logprobs":
-            fn = materialised_logprobs if variant == "materialised" else _compiled(materialised_logprobs)
+            fn = _compiled(materialised_logprobs, not static) if compiled else materialised_logprobs
             return lambda: (fn(hidden, weight, labels) * tw).sum()
-        fn = materialised_altpo if variant == "materialised" else _compiled(materialised_altpo)
+        fn = _compiled(materialised_altpo, not static) if compiled else materialised_altpo
         layout = _layout(x)
         return lambda: fn(hidden, weight, labels, *layout)
-    if variant == "cce":
-        from cut_cross_entropy import linear_cross_entropy
-
-        def cce_logps():
-            return -linear_cross_entropy(hidden, weight, labels, reduction="none").float()
-
-        if op == "linear_logprobs":
-            return lambda: (cce_logps() * tw).sum()
-        return lambda: altpo_from_token_logps(cce_logps(), *_layout(x))
-    if variant == "liger":
-        if op == "linear_logprobs":
+    if variant in ("trl", "cce", "liger"):
+        if variant == "trl":
+            logps = lambda: trl_logprobs(hidden, weight, labels)  # noqa: E731
+        elif variant == "cce":
+            logps = lambda: cce_logprobs(hidden, weight, labels)  # noqa: E731
+        else:
             if hidden.device.type != "cuda":
                 raise _Unavailable("Liger's fused linear cross-entropy kernels need CUDA")
             from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
             module = LigerFusedLinearCrossEntropyLoss(reduction="none")
-            return lambda: (-_first(module(weight, hidden, labels)).float() * tw).sum()
-        module = _liger_dpo_module()
-        rows, t = liger_layout(x)
-        if t == 0:
-            raise _Unavailable(f"N={hidden.shape[0]} is too few tokens for {rows} sequences")
-
-        def liger_dpo():
-            h3 = hidden[: rows * t].view(rows, t, -1)
-            y = labels[: rows * t].view(rows, t)
-            return _first(module(weight, h3, y))
-
-        return liger_dpo
+            logps = lambda: -_first(module(weight, hidden, labels)).float()  # noqa: E731
+        if op == "linear_logprobs":
+            return lambda: (logps() * tw).sum()
+        # the same AltPO (pairs and retain NLL) on the same packed batch as every other variant
+        layout = _layout(x)
+        return lambda: altpo_from_token_logps(logps(), *layout)
     raise ValueError(f"unknown variant {variant!r}")
 
 
@@ -304,7 +310,7 @@ def reference_result(variant: str, op: str, x: dict) -> dict | None:
     n, v = x["hidden"].shape[0], x["weight"].shape[0]
     if n * v > REFERENCE_MAX_NV:
         return None
-    key = ("ref", op, variant == "liger")
+    key = ("ref", op)
     if key in x:
         return x[key]
     from altpo_kernels import altpo_loss, linear_logprobs
@@ -316,15 +322,6 @@ def reference_result(variant: str, op: str, x: dict) -> dict | None:
     if op == "linear_logprobs":
         value = (linear_logprobs(hidden, weight, labels, backend="reference").double()
                  * x["token_weights"].double()).sum()
-    elif variant == "liger":
-        # Liger computes plain DPO: AltPO with alpha=0, gamma=beta/2 on its layout
-        rows, t = liger_layout(x)
-        ids = torch.arange(rows, device=hidden.device).repeat_interleave(t)
-        ar = torch.arange(rows // 2, device=hidden.device)
-        zero = torch.zeros(rows // 2, device=hidden.device)
-        value = altpo_loss(hidden[: rows * t], weight, labels[: rows * t], ids, ar, ar + rows // 2,
-                           ar[:0], zero, zero, beta=BETA, alpha=0.0, gamma=BETA / 2,
-                           backend="reference").loss
     else:
         value = altpo_loss(hidden, weight, labels, x["seq_ids"], x["win"], x["lose"], x["retain"],
                            x["ref_win"], x["ref_lose"], beta=BETA, alpha=ALPHA, gamma=GAMMA,
@@ -359,18 +356,17 @@ def compare_with_reference(variant: str, op: str, x: dict, value: torch.Tensor) 
 # measuring one variant
 
 
-def workspace_mib(variant: str, pass_name: str, n: int, h: int, v: int, x: dict,
-                  peak: int | None) -> float | None:
-    """Scratch memory of a variant's pass beyond inputs and outputs: for the fused backends'
-    backward the chunked loop's formula (``chunked_backward.workspace_bytes``), for everything
-    else the measured peak above the inputs (which there is the workspace plus the outputs)."""
+def workspace_formula_mib(variant: str, pass_name: str, n: int, h: int, v: int,
+                          x: dict) -> float | None:
+    """The fused backends' backward workspace by formula (``chunked_backward.workspace_bytes``);
+    reported beside the measured peak, never instead of it. None for other variants."""
     if variant in ("altpo-triton", "altpo-torch") and pass_name in ("backward", "full"):
         from altpo_kernels.chunked_backward import workspace_bytes
 
         backend = "torch" if variant == "altpo-torch" else "triton"
         return workspace_bytes(n, h, v, x["hidden"].dtype, backend=backend,
                                device=x["hidden"].device.type) / MiB
-    return None if peak is None else peak / MiB
+    return None
 
 
 def materialised_too_big(variant: str, n: int, v: int, dtype, device) -> str | None:
@@ -455,13 +451,12 @@ def measure_variant(variant: str, op: str, x: dict, device: torch.device, budget
                                 "tflops_fused_count": (FUSED_FLOPS[name] * n * h * v / (t["median_ms"] * 1e-3) / 1e12
                                                        if t["median_ms"] else None),
                                 "peak_mib": None if peaks[name] is None else peaks[name] / MiB,
-                                "workspace_mib": workspace_mib(variant, name, n, h, v, x, peaks[name]),
+                                # measured the same way for every variant: peak above the inputs
+                                "workspace_mib": None if peaks[name] is None else peaks[name] / MiB,
+                                "workspace_formula_mib": workspace_formula_mib(variant, name, n, h, v, x),
                                 **checked})
             if name == "backward" and bwd_note:
                 row["note"] = bwd_note
-            if variant == "liger" and op == "altpo_loss" and name != "full":
-                # Liger's chunked loss computes the gradients inside its forward
-                row["note"] = "gradients computed in forward: compare the full pass"
             rows.append(row)
     except _Unavailable as why:
         rows = [dict(base, **{"pass": p, "status": f"unavailable: {why}"}) for p in PASSES]
@@ -591,7 +586,7 @@ def gemm_calibration(device: torch.device, h: int, v: int, n: int, budget_s: flo
     from altpo_kernels.chunked_backward import chunk_sizes, gemm_into
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    c, vb = chunk_sizes(n, v)
+    c, vb = chunk_sizes(n, v, h=h, dtype=dtype, device_type=device.type)
     gen = torch.Generator(device="cpu").manual_seed(7)
     hid = torch.randn(c, h, generator=gen).to(device, dtype)
     w = (torch.randn(vb, h, generator=gen) * h**-0.5).to(device, dtype)
@@ -618,6 +613,81 @@ def gemm_calibration(device: torch.device, h: int, v: int, n: int, budget_s: flo
             "predicted_backward_ms": steps * per_step,
             "note": "predicted_backward_ms: (chunks x bands) x (logits + dH + dW GEMM times); the "
                     "fused producer also does the exp/epilogue, so this is a floor"}
+
+
+BAND_SWEEP_GPU = {"tokens": (4096, 16384), "bands": (2048, 4096, 8192)}
+BAND_SWEEP_QUICK = {"shape": (512, 64, 4096), "bands": (256, 512, 1024)}
+
+
+def band_sweep(device: torch.device, n: int, h: int, v: int, bands, budget_s: float,
+               backend: str) -> dict:
+    """The backward (dH and dW) of one backend at each vocabulary band, side by side on the same
+    inputs: median time, 6NHV rate, the workspace formula, and whether the results agree with the
+    default band's to the dtype's rounding (a band changes only how the sums are split)."""
+    from altpo_kernels.backends import backend_module
+    from altpo_kernels.chunked_backward import chunk_sizes, workspace_bytes
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gen = torch.Generator(device="cpu").manual_seed(11)
+    hidden = torch.randn(n, h, generator=gen).to(device, dtype)
+    weight = (torch.randn(v, h, generator=gen) * h**-0.5 * 2).to(device, dtype)
+    labels = torch.randint(0, v, (n,), generator=gen).to(device)
+    upstream = ((torch.rand(n, generator=gen) + 0.5) / n).to(device)
+    mod = backend_module(backend)
+    _, lse = mod.logprobs_forward(hidden, weight, labels)
+    default_band = chunk_sizes(n, v, h=h, dtype=dtype, device_type=device.type)[1]
+    base = mod.logprobs_backward(hidden, weight, labels, lse, upstream, True, True)
+    rows = []
+    for band in dict.fromkeys([*bands, default_band]):
+        def run():
+            return mod.logprobs_backward(hidden, weight, labels, lse, upstream, True, True,
+                                         vocab_band=band)
+        dh, dw = run()
+        agree = max(_rel(dh, base[0]), _rel(dw, base[1]))
+        del dh, dw
+        t = time_fn(run, device, budget_s=budget_s, warmup=1)
+        rows.append({"vocab_band": band, "default": band == default_band, "median_ms": t["median_ms"],
+                     "tflops_6nhv": 6 * n * h * v / (t["median_ms"] * 1e-3) / 1e12,
+                     "workspace_mib": workspace_bytes(n, h, v, dtype, backend=backend,
+                                                      device=device.type, vocab_band=band) / MiB,
+                     "rel_diff_vs_default": agree})
+    best = min(rows, key=lambda r: r["median_ms"])
+    return {"n": n, "h": h, "v": v, "dtype": str(dtype).replace("torch.", ""), "backend": backend,
+            "default_band": default_band, "rows": rows, "best_band": best["vocab_band"],
+            "best_ms": best["median_ms"], "best_workspace_mib": best["workspace_mib"],
+            "default_over_best": next(r for r in rows if r["default"])["median_ms"] / best["median_ms"]}
+
+
+def band_sweep_main(args) -> int:
+    device = torch.device("cpu") if args.quick else pick_device(args.device)
+    if args.quick:
+        n, h, v = BAND_SWEEP_QUICK["shape"]
+        cases, bands, backend = [(n, h, v)], BAND_SWEEP_QUICK["bands"], "torch"
+    else:
+        tokens = args.tokens or BAND_SWEEP_GPU["tokens"]
+        cases = [(n, args.hidden, args.vocab) for n in tokens]
+        bands = BAND_SWEEP_GPU["bands"]
+        backend = "triton" if device.type == "cuda" else "torch"
+    payload = {"benchmark": "band_sweep", "meta": run_metadata(device), "results": []}
+    bad = []
+    for n, h, v in cases:
+        r = band_sweep(device, n, h, v, bands, 0.05 if args.quick else 0.5, backend)
+        payload["results"].append(r)
+        for row in r["rows"]:
+            print(f"  N={n:6d} Vb={row['vocab_band']:5d}{' (default)' if row['default'] else '          '} "
+                  f"{row['median_ms']:9.3f} ms {row['tflops_6nhv']:8.3g} TFLOP/s 6NHV  workspace "
+                  f"{row['workspace_mib']:7.1f} MiB  diff vs default {row['rel_diff_vs_default']:.1e}")
+        print(f"N={n}: best Vb={r['best_band']} ({r['best_ms']:.3f} ms, workspace "
+              f"{r['best_workspace_mib']:.1f} MiB); default Vb={r['default_band']} takes "
+              f"{r['default_over_best']:.3f}x the best")
+        tol = 1e-5 if r["dtype"] == "float32" else 2e-2
+        bad += [f"N={n} Vb={row['vocab_band']}: {row['rel_diff_vs_default']:.2e}" for row in r["rows"]
+                if not row["rel_diff_vs_default"] <= tol]
+        if args.out:
+            write_json(args.out, payload)
+    for msg in bad:
+        eprint(f"[band-sweep] results differ from the default band's: {msg}")
+    return 1 if bad else 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -652,6 +722,9 @@ def parse_args(argv=None):
                    help="skip the float64 check of each variant's value and gradients")
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)
     p.add_argument("--workspace-worker", help=argparse.SUPPRESS)
+    p.add_argument("--band-sweep", action="store_true",
+                   help="time the backward at vocabulary bands 2048/4096/8192 (N = 4096, 16384) and "
+                        "report the best with its workspace")
     p.add_argument("--calibrate", action="store_true",
                    help="only time the cuBLAS GEMMs at the chunked backward's shapes (fp32 outputs), "
                         "at each --tokens N (default 4096 16384; --quick: small CPU shapes)")
@@ -763,8 +836,10 @@ def summary(payload: dict) -> str:
             ("tflops_fused_count", "TFLOP/s 8NHV", ".3g"),
             ("fraction_of_matmul", "of matmul", ".2f"), ("peak_mib", "peak MiB", ".4g"),
             ("workspace_mib", "workspace MiB", ".4g"),
-            ("speedup", "x materialised", ".2f"), ("vs_compile", "x compile", ".2f"),
-            ("vs_liger", "x liger", ".2f"), ("mem_ratio", "mem/compile", ".3f"),
+            ("speedup", "x materialised", ".2f"), ("vs_trl", "x trl", ".2f"),
+            ("vs_compile", "x compile", ".2f"), ("vs_static", "x compile-static", ".2f"),
+            ("vs_liger", "x liger", ".2f"), ("vs_cce", "x cce", ".2f"),
+            ("mem_ratio", "mem/compile", ".3f"), ("mem_trl", "mem/trl", ".3f"),
             ("err", "max err", ".1e"), ("status", "status", "")]
     ratio = {(r["op"], r["n"], r["pass"], r["variant"]): r for r in payload["ratios"]}
     rows = []
@@ -775,14 +850,17 @@ def summary(payload: dict) -> str:
             r["check"] if str(r.get("check", "")).startswith("FAILED") else "")
         rows.append(dict(r, speedup=rr.get("speedup_vs_materialised"), err=max(errs) if errs else None,
                          vs_compile=rr.get("speedup_vs_materialised_compile"),
+                         vs_static=rr.get("speedup_vs_materialised_compile_static"),
+                         vs_trl=rr.get("speedup_vs_trl"), vs_cce=rr.get("speedup_vs_cce"),
                          vs_liger=rr.get("speedup_vs_liger"),
                          mem_ratio=rr.get("memory_vs_materialised_compile"),
+                         mem_trl=rr.get("memory_vs_trl"),
                          status=status[:70]))
     lines.append(format_table(rows, cols))
     lines.append("TFLOP/s 6NHV: model FLOPs (forward 2NHV, backward 4NHV); 8NHV: what the fused "
                  "kernels execute (backward recomputes the logits: 6NHV). x <baseline>: baseline "
-                 "time / this time. workspace: the chunked backward's formula for altpo, the "
-                 "measured peak above inputs for the others.")
+                 "time / this time. workspace: the measured peak above the inputs, for every variant "
+                 "alike (the fused backends' formula is in the JSON as workspace_formula_mib).")
     if payload.get("absent"):
         lines.append("absent: " + "; ".join(f"{k}: {v}" for k, v in payload["absent"].items()))
     mr = payload.get("memory_ratio")
@@ -820,6 +898,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.calibrate:
         return calibrate_main(args)
+    if args.band_sweep:
+        return band_sweep_main(args)
     if args.workspace_worker:
         backend, dtype_name, n, h, v, chunk, band = args.workspace_worker.split(",")
         print(json.dumps(workspace_worker(backend, dtype_name, (int(n), int(h), int(v)), int(chunk),

@@ -241,7 +241,16 @@ def main(argv=None) -> int:
     ]))
     if args.out:
         write_json(args.out, result)
-    return 0
+    failed = failures(result["rows"])
+    for msg in failed:
+        print(f"packed_vs_padded: FAILED: {msg}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def failures(rows: list[dict]) -> list[str]:
+    """A row that did not measure (an error, out of memory, no timing) fails the run."""
+    return [f"{r['workload']} {r['mode']}: {r.get('error', 'no measurement')}"
+            for r in rows if r.get("error") or not r.get("tokens_per_s")]
 
 
 if __name__ == "__main__":

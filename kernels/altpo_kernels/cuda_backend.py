@@ -317,7 +317,7 @@ def logprobs_forward(hidden, weight, labels, *, token_chunk: int = TOKEN_CHUNK, 
     return picked - lse, lse
 
 
-def make_g_producer(grad_logp):
+def make_g_producer(grad_logp, own_scale: bool = True):
     """A ``produce_g`` for the chunk loop: torch.mm logits, then the backward epilogue.
 
     ``produce_g(h_chunk [C,H], w_band [Vb,H], labels_chunk int32 [C], lse_chunk fp32 [C],
@@ -328,9 +328,13 @@ def make_g_producer(grad_logp):
     ``grad_logp`` is the loop's whole fp32 gradient vector: its |g| is copied to the host once, so
     the per-chunk maxima that set the scales cost no device synchronisation when ``g_chunk`` is a
     slice of it (any other ``g_chunk`` is reduced on its device).
+
+    ``own_scale=False``: the scale is always 1 and nothing is copied to the host. The chunk loop
+    uses this: it has already scaled fp16 ``g`` on the device so that max|g| <= 2^14, which keeps
+    every G entry below fp16's 65504.
     """
     grad_logp = grad_logp.detach()
-    abs_host = grad_logp.abs().float().cpu() if grad_logp.is_contiguous() else None
+    abs_host = grad_logp.abs().float().cpu() if own_scale and grad_logp.is_contiguous() else None
     base = grad_logp.data_ptr()
     workspace = _Workspace(grad_logp.device)
 
@@ -349,7 +353,7 @@ def make_g_producer(grad_logp):
         rows, cols = h_chunk.shape[0], w_band.shape[0]
         if tuple(out.shape) != (rows, cols):
             raise ValueError(f"out must be [{rows}, {cols}] (h_chunk rows x w_band rows), got {tuple(out.shape)}")
-        scale = g_scale(chunk_max_abs(g_chunk), out.dtype)
+        scale = g_scale(chunk_max_abs(g_chunk), out.dtype) if own_scale else 1.0
         logits = out if out.dtype == torch.float32 else workspace.tile(rows, cols)
         with _device_guard(out.device):
             logits_tile_fp32(h_chunk, w_band, logits)
@@ -379,7 +383,7 @@ def logprobs_backward(hidden, weight, labels, lse, grad_logp, need_dh=True, need
     loop = _chunk_loop()
     grad = grad_logp.contiguous().float()
     return loop(hidden, weight, labels, lse.contiguous().float(), grad, need_dh, need_dw,
-                produce_g=make_g_producer(grad))
+                produce_g=make_g_producer(grad, own_scale=False))
 
 
 if __name__ == "__main__":

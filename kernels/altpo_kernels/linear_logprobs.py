@@ -6,7 +6,7 @@ import torch
 
 from ._validation import check_linear_inputs
 from .backends import backend_module, resolve_backend
-from .reference import linear_logprobs_reference
+from .reference import linear_logprobs_entropy_reference, linear_logprobs_reference
 
 
 def _take_rows(t, rows):
@@ -68,7 +68,61 @@ class LinearLogprobsFunction(torch.autograd.Function):
         return dh, dw_full, None, None, None
 
 
-def linear_logprobs(hidden, weight, labels, *, ignore_index: int = -100, backend: str = "auto"):
+class TransformedLogprobsFunction(torch.autograd.Function):
+    """``(logp, entropy)`` of a head with bias / logit scale / soft-capping / temperature (the
+    torch backend's tiled path, ``torch_chunked.transformed_forward``); ignored rows give 0."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index: int, tf):
+        from . import torch_chunked
+
+        valid = labels != ignore_index
+        rows = valid.nonzero().squeeze(1)
+        h = hidden.index_select(0, rows).contiguous()
+        lab = labels.index_select(0, rows).long().contiguous()
+        logp = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        entropy = torch.zeros_like(logp)
+        lse = mu = torch.empty(0, dtype=torch.float32, device=hidden.device)
+        if h.shape[0]:
+            lp, ent, lse, mu = torch_chunked.transformed_forward(h, weight.contiguous(), lab, bias, tf)
+            logp[rows], entropy[rows] = lp, ent
+        ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), labels,
+                              rows, lse, mu)
+        ctx.has_bias, ctx.tf = bias is not None, tf
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        from . import torch_chunked
+
+        hidden, weight, bias, labels, rows, lse, mu = ctx.saved_tensors
+        bias = bias if ctx.has_bias else None
+        need_dh, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], \
+            ctx.has_bias and ctx.needs_input_grad[2]
+        dh = torch.zeros_like(hidden) if need_dh else None
+        dw = torch.zeros_like(weight) if need_dw else None
+        db = torch.zeros_like(bias) if need_db else None
+        if rows.numel() == 0 or (grad_logp is None and grad_entropy is None):
+            return dh, dw, db, None, None, None
+        g_lp = (grad_logp.index_select(0, rows).float() if grad_logp is not None
+                else torch.zeros(rows.numel(), device=hidden.device))
+        g_ent = grad_entropy.index_select(0, rows).float() if grad_entropy is not None else None
+        h = hidden.index_select(0, rows).contiguous()
+        lab = labels.index_select(0, rows).long().contiguous()
+        gh, gw, gb = torch_chunked.transformed_backward(h, weight.contiguous(), lab, bias, ctx.tf,
+                                                        lse, mu, g_lp, g_ent, need_dh, need_dw, need_db)
+        if need_dh:
+            dh.index_copy_(0, rows, gh.to(hidden.dtype))
+        if need_dw:
+            dw = gw.to(weight.dtype)
+        if need_db:
+            db = gb.to(bias.dtype)
+        return dh, dw, db, None, None, None
+
+
+def linear_logprobs(hidden, weight, labels, *, ignore_index: int = -100, backend: str = "auto",
+                    bias=None, temperature: float = 1.0, logit_scale: float = 1.0,
+                    softcap: float | None = None, return_entropy: bool = False):
     """Per-token log-probabilities ``log_softmax(hidden @ weight.T)[label]`` as fp32 [N].
 
     Args:
@@ -77,12 +131,49 @@ def linear_logprobs(hidden, weight, labels, *, ignore_index: int = -100, backend
         labels: [N] int64 token ids; ``ignore_index`` marks tokens to skip (their log-prob is 0).
         backend: ``"auto"`` (triton on CUDA, torch on CPU), ``"triton"``, ``"torch"`` or
             ``"reference"`` (materialised float64, for tests).
+        bias: [V] LM-head bias (same dtype and device), added to the logits.
+        logit_scale: multiplies the logits (after the bias; Granite-style models pass 1 /
+            their ``logits_scaling``).
+        softcap: final-logit soft-capping, ``softcap * tanh(z / softcap)`` (Gemma-2: 30.0).
+        temperature: divides the logits last.
+        return_entropy: also return the per-token entropy of the (transformed) distribution, fp32
+            [N], 0 for ignored tokens; then the result is ``(logp, entropy)``, both differentiable.
 
-    Differentiable with respect to ``hidden`` and ``weight``; never holds the [N, V] logits
-    (except with ``backend="reference"``).
+    With any of bias / logit_scale / softcap / temperature / return_entropy the plain-torch tiled
+    path runs (``"auto"`` picks it; ``"triton"`` and ``"cuda"`` do not implement them and raise).
+    Differentiable with respect to ``hidden``, ``weight`` (and ``bias``); never holds the [N, V]
+    logits (except with ``backend="reference"``).
     """
     check_linear_inputs(hidden, weight, labels, ignore_index)
-    name = resolve_backend(backend, hidden.device)
-    if name == "reference":
-        return linear_logprobs_reference(hidden, weight, labels, ignore_index).float()
-    return LinearLogprobsFunction.apply(hidden, weight, labels, ignore_index, name)
+    from .torch_chunked import HeadTransform
+
+    tf = HeadTransform(temperature, logit_scale, softcap)
+    extended = bias is not None or not tf.is_identity or return_entropy
+    if not extended:
+        name = resolve_backend(backend, hidden.device)
+        if name == "reference":
+            return linear_logprobs_reference(hidden, weight, labels, ignore_index).float()
+        return LinearLogprobsFunction.apply(hidden, weight, labels, ignore_index, name)
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be a tensor of shape [V] = [{weight.shape[0]}] (one entry per "
+                             f"weight row), got {getattr(bias, 'shape', type(bias).__name__)}")
+        if bias.device != weight.device or bias.dtype != weight.dtype:
+            raise ValueError(f"bias must have the weight's dtype and device ({weight.dtype}, "
+                             f"{weight.device}), got {bias.dtype}, {bias.device}; convert it with "
+                             f"bias.to(weight)")
+    if backend in ("triton", "cuda"):
+        raise ValueError(f'backend="{backend}" does not implement bias, logit_scale, softcap, '
+                         f'temperature or return_entropy; use backend="torch" (or "auto", which picks '
+                         f"it for these options)")
+    if backend == "reference":
+        logp, entropy = linear_logprobs_entropy_reference(
+            hidden, weight, labels, bias=bias, temperature=tf.temperature,
+            logit_scale=tf.logit_scale, softcap=tf.softcap, ignore_index=ignore_index)
+        logp, entropy = logp.float(), entropy.float()
+    elif backend in ("auto", "torch"):
+        logp, entropy = TransformedLogprobsFunction.apply(hidden, weight, bias, labels, ignore_index, tf)
+    else:
+        resolve_backend(backend, hidden.device)  # raises its own error for unknown names
+        raise ValueError(f"unknown backend {backend!r}")
+    return (logp, entropy) if return_entropy else logp

@@ -94,3 +94,32 @@ def altpo_loss_reference(hidden, weight, labels, seq_ids, win_seqs, lose_seqs, r
         ref_chosen_logps=ref_win_logps, hparams=dict(beta=beta, alpha=alpha, gamma=gamma),
         num_forget=num_pairs, num_retain_tokens=num_retain_tokens, ignore_index=ignore_index)
     return dict(out, win_logps=out["chosen_logps"], lose_logps=out["forget_logps"])
+
+
+def transformed_logits_reference(hidden, weight, bias=None, temperature: float = 1.0,
+                                 logit_scale: float = 1.0, softcap: float | None = None):
+    """The head's logits in float64 with the optional transforms, in this order:
+    ``z = (hidden @ weight.T + bias) * logit_scale``, then ``softcap * tanh(z / softcap)`` when
+    ``softcap`` is set, then ``/ temperature``."""
+    z = hidden.double() @ weight.double().T
+    if bias is not None:
+        z = z + bias.double()
+    z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
+
+
+def linear_logprobs_entropy_reference(hidden, weight, labels, *, bias=None, temperature: float = 1.0,
+                                      logit_scale: float = 1.0, softcap: float | None = None,
+                                      ignore_index: int = -100):
+    """``(log-prob of the label, entropy of the distribution)`` per token in float64, from the
+    transformed logits; both 0 where label == ignore_index."""
+    logp_all = torch.log_softmax(transformed_logits_reference(
+        hidden, weight, bias, temperature, logit_scale, softcap), dim=-1)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    picked = logp_all.gather(1, safe[:, None]).squeeze(1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    zero = torch.zeros_like(picked)
+    return torch.where(valid, picked, zero), torch.where(valid, entropy, zero)

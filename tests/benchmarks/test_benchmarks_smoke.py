@@ -50,6 +50,11 @@ def test_step_quick_compares_three_recipes(step_json):
     for r in rows.values():
         assert r["status"] == "ok", r.get("traceback", r["status"])
         assert r["step_s"] > 0 and r["tokens_per_s"] > 0 and 0 < r["mfu"]
+        # MFU from the tokens each recipe executes (padding and in-step reference passes included)
+        assert r["mfu"] == pytest.approx(r["executed_flops_per_step"] / r["step_s"]
+                                         / (step_json["matmul"]["tflops"] * 1e12), rel=1e-9)
+        assert r["executed_flops_per_step"] >= 6 * r["params"] * r["executed_policy_tokens"]
+        assert r["attempts"] == 1
         assert r["seed_run_estimate_s"] >= 310 * r["step_s"]
     w = step_json["workload"]
     assert w["forget_rows"] == 32 and w["retain_rows"] == 32
@@ -73,7 +78,15 @@ def test_step_quick_compares_three_recipes(step_json):
 def test_kernels_quick_checks_every_variant_and_reports_ratios(kernels_json):
     ok = [r for r in kernels_json["results"] if r["status"] == "ok"]
     ran = {r["variant"] for r in ok}
-    assert {"materialised", "altpo-torch", "reference"} <= ran
+    # the peers measured on the CPU too: TRL's fused head and cut-cross-entropy's torch impl
+    assert {"materialised", "altpo-torch", "reference", "trl", "cce"} <= ran
+    for r in ok:
+        # every variant's memory measured the same way: peak above the inputs
+        if r["pass"] == "full":
+            assert r["workspace_mib"] == pytest.approx(r["peak_mib"]) and r["peak_mib"] > 0, r
+    peers = kernels_json["meta"]["peers"]
+    assert peers["trl"] and peers["cut-cross-entropy"], peers
+    assert "liger-kernel" in peers
     for r in ok:
         # each variant's value, dH and dW were compared with float64 inside the benchmark
         assert r["check"] == "ok", r
@@ -81,6 +94,7 @@ def test_kernels_quick_checks_every_variant_and_reports_ratios(kernels_json):
         assert r["median_ms"] > 0 and r["tflops"] > 0
     ratios = [r for r in kernels_json["ratios"] if r["variant"] == "altpo-torch" and r["pass"] == "full"]
     assert ratios and all(r["speedup_vs_materialised"] > 0 for r in ratios)
+    assert all(r["speedup_vs_trl"] > 0 and r["speedup_vs_cce"] > 0 for r in ratios)
     # at the larger quick shape the chunked path holds less than the [N, V] logits path
     big = max(r["n"] for r in ratios)
     assert next(r for r in ratios if r["n"] == big)["memory_vs_materialised"] < 1.0
@@ -133,3 +147,26 @@ def test_length_table_is_consistent():
     # every prompt holds the fixed template (system block with date, headers) plus the question
     assert min(forget["prompt"] + retain["prompt"]) > 30
     assert min(forget["answer"] + retain["answer"] + alt["answer"]) >= 2  # text + <|eot_id|>
+
+
+def test_packed_vs_padded_fails_on_a_row_that_did_not_measure():
+    from benchmarks.packed_vs_padded import failures
+
+    ok = {"workload": "tofu", "mode": "packed", "tokens_per_s": 10.0}
+    assert failures([ok]) == []
+    assert failures([ok, {"workload": "tofu", "mode": "padded", "error": "out of memory"}]) == \
+        ["tofu padded: out of memory"]
+    assert failures([{"workload": "tofu", "mode": "packed"}]) == ["tofu packed: no measurement"]
+
+
+def test_band_sweep_quick(outputs):
+    """--band-sweep runs every band and the default side by side, agrees with the default band's
+    gradients, and names the best with its workspace."""
+    sweep = _run(["-m", "benchmarks.kernels", "--band-sweep", "--quick"], outputs / "b.json")
+    (r,) = sweep["results"]
+    bands = [row["vocab_band"] for row in r["rows"]]
+    assert {256, 512, 1024} <= set(bands) and r["default_band"] in bands
+    assert all(row["rel_diff_vs_default"] < 1e-5 and row["median_ms"] > 0 for row in r["rows"])
+    best = min(r["rows"], key=lambda row: row["median_ms"])
+    assert r["best_band"] == best["vocab_band"] and r["best_workspace_mib"] == best["workspace_mib"]
+    assert r["default_over_best"] >= 1.0

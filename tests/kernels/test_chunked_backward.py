@@ -15,6 +15,7 @@ from altpo_kernels.chunked_backward import (
     chunk_scales,
     chunk_sizes,
     chunked_logprobs_backward,
+    default_vocab_band,
     workspace_bytes,
 )
 from altpo_kernels.reference import linear_logprobs_reference
@@ -184,6 +185,7 @@ def test_fp16_scale_rule():
     g = torch.tensor([1e-4, -3e-4, 0.0, 0.0, 5.0, -2.0, 1e-30])
     scales = chunk_scales(g, 2, torch.float16)
     # chunk max |g|: 3e-4 -> 2**14 / 2**-11 = 2**25; 0 -> 1; 5 -> 2**(14-3); 1e-30 -> capped 2**60
+    # (what each chunk alone would get; the loop applies one scale, that of the largest)
     assert scales == [2.0**25, 1.0, 2.0**11, 2.0**60]
     for s, chunk in zip(scales, g.split(2)):
         assert s * chunk.abs().max() <= 2.0**14
@@ -191,12 +193,51 @@ def test_fp16_scale_rule():
 
 
 def test_workspace_formula_at_llama3_shape():
-    """H=2048, V=128256, N=16384 bf16: the chunked backward's workspace is at most 64 MiB."""
+    """H=2048, V=128256 bf16 with the default chunk and band: at most 64 MiB of tiles."""
     mib = 2**20
     fused = workspace_bytes(16384, 2048, 128256, torch.bfloat16)
-    assert fused == 4096 * 2048 * 2 + 2048 * 2048 * 4 + 16384 * 4
-    assert fused <= 64 * mib
-    assert workspace_bytes(16384, 2048, 128256, torch.bfloat16, backend="torch") <= 64 * mib
-    # one chunk: no dW accumulator
-    assert workspace_bytes(4096, 2048, 128256, torch.bfloat16) == 4096 * 2048 * 2 + 4096 * 4
-    assert workspace_bytes(16384, 2048, 128256, torch.bfloat16, need_dw=False) < fused
+    # Vb = 4096: G tile 4096 x 4096 x 2 B, dW band accumulator 4096 x 2048 x 4 B, int32 labels
+    assert fused == 4096 * 4096 * 2 + 4096 * 2048 * 4 + 16384 * 4
+    assert fused - 16384 * 4 <= 64 * mib
+    assert workspace_bytes(16384, 2048, 128256, torch.bfloat16, backend="torch") == \
+        fused + 1024 * 4096 * 4
+    # one chunk: no dW accumulator, so the band doubles to 8192
+    assert workspace_bytes(4096, 2048, 128256, torch.bfloat16) == 4096 * 8192 * 2 + 4096 * 4
+    # without dW the band is 8192 and there is no accumulator
+    assert workspace_bytes(16384, 2048, 128256, torch.bfloat16, need_dw=False) == \
+        4096 * 8192 * 2 + 16384 * 4
+    # fp16 always accumulates dW in fp32 (its G carries the scale), one chunk included
+    assert workspace_bytes(4096, 2048, 128256, torch.float16) == \
+        4096 * 4096 * 2 + 4096 * 2048 * 4 + 4096 * 4
+
+
+def test_default_vocab_band_formula():
+    """Largest power of two in [1024, 8192] with G tile + dW accumulator <= 64 MiB, at most V."""
+    b = default_vocab_band
+    assert b(16384, 2048, 128256, torch.bfloat16) == 4096     # (8 + 8) KiB an entry
+    assert b(4096, 2048, 128256, torch.bfloat16) == 8192      # one chunk: 8 KiB an entry
+    assert b(16384, 2048, 128256, torch.float32) == 4096      # 16 KiB an entry, fp32 dW in place
+    assert b(16384, 8192, 128256, torch.bfloat16) == 1024     # 40 KiB an entry: floor
+    assert b(16384, 2048, 128256, torch.bfloat16, need_dw=False) == 8192
+    assert b(53, 37, 101, torch.float32) == 101               # never more than V
+    assert chunk_sizes(16384, 128256, h=2048, dtype=torch.bfloat16) == (4096, 4096)
+    assert chunk_sizes(16384, 128256, 4096, 2048) == (4096, 2048)  # an explicit band wins
+    # off CUDA: 2048 whatever the shape (the CPU's caches favour small tiles)
+    assert b(16384, 2048, 128256, torch.bfloat16, device_type="cpu") == 2048
+    assert chunk_sizes(4096, 32000, h=256, dtype=torch.float32, device_type="cpu") == (4096, 2048)
+    assert workspace_bytes(4096, 256, 32000, torch.float32, backend="torch", device="cpu") == \
+        4096 * 2048 * 4 + 4096 * 4 + 1024 * 2048 * 4
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp16_single_chunk_accumulates_dw_in_fp32(backend):
+    """fp16, all tokens in one chunk, small upstream gradients: dW goes through the fp32
+    accumulator (a direct fp16 GEMM output would hold the scaled sums) and matches float64."""
+    hidden, weight, labels, upstream = _inputs(torch.float16, 10)
+    upstream = upstream * 3e-4
+    dh, dw = BACKWARDS[backend](hidden, weight, labels, _lse(hidden, weight, labels), upstream,
+                                True, True, token_chunk=N + 10, vocab_band=BAND)
+    _, ref_dh, ref_dw = _reference(hidden, weight, labels, upstream)
+    for got, ref, what in ((dh, ref_dh, "dH"), (dw, ref_dw, "dW")):
+        err = (got.double().cpu() - ref).abs().max() / ref.abs().max()
+        assert err < 3e-3, f"{what}: max error {err:.3g} of the gradient's scale"

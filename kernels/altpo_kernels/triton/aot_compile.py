@@ -87,7 +87,8 @@ def kernel_configs(arch: str) -> list[KernelConfig]:
             kernel=_logprobs_forward_kernel,
             types=dict(hidden_ptr=f"*{dt}", weight_ptr=f"*{dt}", labels_ptr="*i32",
                        part_max_ptr="*fp32", part_sum_ptr="*fp32", label_logit_ptr="*fp32",
-                       n_tokens="i32", vocab="i32", hidden_size="i32", vocab_per_split="i32"),
+                       n_tokens="i32", vocab="i32", hidden_size="i32", vocab_per_split="i32",
+                       num_splits="i32", group_n="i32"),
             constexprs=dict(BLOCK_N=f.block_n, BLOCK_V=f.block_v, BLOCK_H=f.block_h,
                             DOT_PRECISION=_dot_precision(dt), UPCAST_DOT=False),
             num_warps=f.num_warps, num_stages=f.num_stages,
@@ -120,8 +121,10 @@ def kernel_configs(arch: str) -> list[KernelConfig]:
     out.append(KernelConfig(
         name="segment_sum",
         kernel=_segment_sum_kernel,
-        types=dict(values_ptr="*fp32", seq_ids_ptr="*i64", out_ptr="*fp32", n_tokens="i32"),
-        constexprs=dict(BLOCK=e.block), num_warps=e.num_warps, num_stages=1,
+        types=dict(values_ptr="*fp32", seq_ids_ptr="*i64", out_ptr="*fp32", n_tokens="i32",
+                   num_seqs="i32"),
+        constexprs=dict(BLOCK_S=tiles.segment.block_s, BLOCK=tiles.segment.block),
+        num_warps=tiles.segment.num_warps, num_stages=1,
         divisible=("values_ptr", "seq_ids_ptr", "out_ptr"),
     ))
     out.append(KernelConfig(
@@ -288,6 +291,7 @@ def compile_config(cfg: KernelConfig, arch: str) -> dict:
         "hgmma_count": sass_check.hgmma_count(sass),
         "sass_local_memory_ops": sass_check.spill_instructions(sass),
         "wgmma_hazards": sass_check.wgmma_register_hazards(sass),
+        "atomics": sass_check.atomic_instructions(sass),
         "compile_s": round(seconds, 2),
     }
 
@@ -299,7 +303,7 @@ def compile_report(archs=("sm_80", "sm_90")) -> list[dict]:
     stack_bytes, usage_from, shared_bytes, shared_limit, blocks_per_sm, ptx_mma (wgmma /
     mma.sync / -), mma_operand_types and mma_shapes (of the PTX tensor-core instructions),
     sass_mma, hgmma_count, sass_local_memory_ops (LDL/STL), wgmma_hazards (messages of
-    ``sass_check.wgmma_register_hazards``), compile_s.
+    ``sass_check.wgmma_register_hazards``), atomics (``sass_check.atomic_instructions``), compile_s.
     """
     if not isinstance(_logprobs_forward_kernel, JITFunction):
         return _report_in_child(archs)
@@ -326,14 +330,15 @@ COLUMNS = (
     ("num_stages", "stages"), ("registers", "regs"), ("spill_stores", "spill st"),
     ("spill_loads", "spill ld"), ("shared_bytes", "smem B"), ("blocks_per_sm", "blocks/SM"),
     ("ptx_mma", "PTX mma"), ("sass_mma", "SASS mma"), ("hazards", "wgmma hazards"),
-    ("compile_s", "compile s"),
+    ("atomics", "ATOM/RED"), ("compile_s", "compile s"),
 )
 
 
 def format_table(rows: list[dict]) -> str:
     """The report as an aligned text table (Markdown-compatible)."""
     header = [title for _, title in COLUMNS]
-    body = [[str(len(row.get("wgmma_hazards", [])) if key == "hazards" else row[key])
+    body = [[str(len(row.get("wgmma_hazards", []))) if key == "hazards"
+             else str(len(row.get("atomics", []))) if key == "atomics" else str(row[key])
              for key, _ in COLUMNS] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h)
               for i, h in enumerate(header)]
@@ -343,8 +348,9 @@ def format_table(rows: list[dict]) -> str:
 
 
 def problems(rows: list[dict]) -> list[str]:
-    """Configurations that spill, exceed the architecture's shared memory or register limits, or
-    have a wgmma register-operand hazard in their SASS."""
+    """Configurations that spill, exceed the architecture's shared memory or register limits, have
+    a wgmma register-operand hazard in their SASS, or contain any atomic instruction (ATOM/RED:
+    their order, hence the rounding of a float sum, varies from run to run)."""
     bad = []
     for r in rows:
         where = f"{r['arch']} {r['kernel']}"
@@ -354,6 +360,9 @@ def problems(rows: list[dict]) -> list[str]:
             bad.append(f"{where}: {r['sass_local_memory_ops']} local-memory (LDL/STL) instructions")
         for msg in r.get("wgmma_hazards", []):
             bad.append(f"{where}: wgmma register hazard: {msg}")
+        if r.get("atomics"):
+            bad.append(f"{where}: {len(r['atomics'])} atomic instructions (run-to-run order not "
+                       f"fixed): {'; '.join(r['atomics'][:3])}")
         if r["shared_bytes"] > r["shared_limit"]:
             bad.append(f"{where}: {r['shared_bytes']} B shared memory > {r['shared_limit']} B")
         if r["registers"] > MAX_REGISTERS_PER_THREAD:

@@ -1,7 +1,9 @@
 """Forward of the fused linear log-prob: per-token ``log_softmax(h W^T)[label]`` and log-sum-exp.
 
-Grid: (token blocks, vocabulary splits). Each program owns ``BLOCK_N`` tokens and one contiguous
-range of the vocabulary. It walks that range in ``BLOCK_V`` tiles; each logits tile is a
+Grid: token blocks x vocabulary splits, as a 1-D grid in groups (:func:`program_order`): a group
+is ``group_n`` token blocks times every split, so the programs resident at one time re-read a
+bounded set of hidden-state blocks, which stays in L2. Each program owns ``BLOCK_N`` tokens and one
+contiguous range of the vocabulary. It walks that range in ``BLOCK_V`` tiles; each logits tile is a
 ``tl.dot`` over ``BLOCK_H`` slices of the hidden dimension with fp32 accumulation, folded straight
 into a running (max, sum of exp) per token -- the online log-sum-exp -- and the tile is dropped.
 The label's logit is picked up in whichever tile holds it. Per split the program writes only the
@@ -13,6 +15,16 @@ Splitting the vocabulary is what keeps a GPU busy when there are few tokens: 409
 (:func:`vocab_split`): at N=4096, V=128256 on 132 SMs it picks 4 splits, 32 x 4 = 128 programs of
 251 tiles in one wave (within 4 % of the ideal time), where the earlier "about four waves" rule ran
 544 programs of 59 tiles in 5 waves, the last one 12 % full (82 % of the ideal).
+
+Why groups: with one split (N >= 16384 by the wave rule alone) all 128 resident programs walk the
+vocabulary together, sharing each weight tile, but each re-reads its own 512 KiB hidden-state block
+(H = 2048, bf16) for every tile: 64 MiB, more than L2, so every re-read goes to HBM (about 68 GB
+at N = 16384, V = 128256). :func:`token_group` caps the hidden-state blocks a wave touches at
+``L2_HIDDEN_BUDGET`` (32 blocks of 512 KiB), and the split count is at least ``ceil(slots /
+group_n)`` so that one wave covers one group: at N = 16384 on 132 SMs, 5 splits (640 programs in 5
+waves, 97 % of the ideal time by the wave count); the group's 16 MiB of hidden states stays in L2,
+and the weight is streamed once per group (4 groups x 0.5 GB = 2.1 GB of HBM reads in all). At
+N = 4096 the 32 token blocks are one group and the wave rule's 4 splits stand.
 """
 
 from __future__ import annotations
@@ -64,12 +76,20 @@ def logits_tile(h_rows, w_rows, row_ok, col_ok, hidden_size,
 def _logprobs_forward_kernel(
     hidden_ptr, weight_ptr, labels_ptr,
     part_max_ptr, part_sum_ptr, label_logit_ptr,
-    n_tokens, vocab, hidden_size, vocab_per_split,
+    n_tokens, vocab, hidden_size, vocab_per_split, num_splits, group_n,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
+    # Grouped 1-D grid: consecutive programs (those resident at the same time) cover group_n token
+    # blocks times every split, so together they re-read only group_n hidden-state blocks from L2
+    # for every vocabulary tile (program_order() in Python is the same map).
+    pid = tl.program_id(0)
+    token_blocks = tl.cdiv(n_tokens, BLOCK_N)
+    per_group = group_n * num_splits
+    first = (pid // per_group) * group_n
+    in_group = tl.minimum(token_blocks - first, group_n)
+    pid_n = first + (pid % per_group) % in_group
+    split = (pid % per_group) // in_group
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_tokens
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
@@ -135,37 +155,67 @@ def dot_precision(dtype: torch.dtype) -> str:
 # A split count whose launch takes at most this much longer than the best one is preferred when it
 # has fewer splits: fewer waves, fewer partials to combine, longer runs per program.
 SPLIT_SLACK = 1.04
+# Hidden-state bytes the programs resident at one time may share in L2 (H100: 50 MB, H200: 60 MB;
+# A100: 40 MB): a third of the smallest leaves room for the weight tiles and other traffic.
+L2_HIDDEN_BUDGET = 16 * 2**20
 
 
-def vocab_split(n_tokens: int, vocab: int, block_n: int, block_v: int, slots: int) -> tuple[int, int]:
+def program_order(pid: int, n_tokens: int, block_n: int, num_splits: int, group_n: int):
+    """(token block, split) of program ``pid`` in the forward's grouped grid (the kernel's map)."""
+    token_blocks = -(-n_tokens // block_n)
+    per_group = group_n * num_splits
+    first = (pid // per_group) * group_n
+    in_group = min(token_blocks - first, group_n)
+    return first + (pid % per_group) % in_group, (pid % per_group) // in_group
+
+
+def token_group(n_tokens: int, hidden_size: int, block_n: int, elem_bytes: int, slots: int,
+                budget: int = L2_HIDDEN_BUDGET) -> int:
+    """Token blocks per group: as many as fit ``budget`` bytes of hidden states (each block is
+    ``block_n x hidden_size`` elements), at most one wave's worth, at least one."""
+    token_blocks = -(-n_tokens // block_n)
+    fit = max(1, budget // max(1, block_n * hidden_size * elem_bytes))
+    return max(1, min(token_blocks, slots, fit))
+
+
+def vocab_split(n_tokens: int, vocab: int, block_n: int, block_v: int, slots: int,
+                min_splits: int = 1) -> tuple[int, int]:
     """(number of splits, vocabulary entries per split) for ``slots`` programs running at once
     (SMs x resident blocks).
 
     A program costs about ``per_split / block_v`` tile times and a launch runs in
     ``ceil(programs / slots)`` waves, so it takes ``waves x tiles per split``. Among the split
     counts within ``SPLIT_SLACK`` of the fastest, the smallest is chosen. Each split covers a whole
-    number of ``block_v`` tiles; no split is empty.
+    number of ``block_v`` tiles; no split is empty. Split counts below ``min_splits`` are not
+    considered (the L2 grouping's floor; clamped to the number of tiles).
     """
     token_blocks = triton.cdiv(n_tokens, block_n)
     tiles = triton.cdiv(vocab, block_v)
     options = {}
-    for wanted in range(1, min(tiles, triton.cdiv(16 * slots, token_blocks)) + 1):
+    floor = max(1, min(min_splits, tiles))
+    for wanted in range(floor, max(floor, min(tiles, triton.cdiv(16 * slots, token_blocks))) + 1):
         per = triton.cdiv(tiles, wanted)
         splits = triton.cdiv(tiles, per)
+        if splits < floor:
+            continue
         options.setdefault(splits, (triton.cdiv(token_blocks * splits, slots) * per, per))
     best = min(cost for cost, _ in options.values())
     splits = min(s for s, (cost, _) in options.items() if cost <= best * SPLIT_SLACK)
     return splits, options[splits][1] * block_v
 
 
-def logprobs_forward(hidden, weight, labels, *, vocab_splits: int | None = None):
+def logprobs_forward(hidden, weight, labels, *, vocab_splits: int | None = None,
+                     group_n: int | None = None):
     """Per-token log-probs and log-sum-exp of ``hidden @ weight.T`` without the logits.
 
     Args:
         hidden: [N, H] fp32/bf16/fp16, contiguous. weight: [V, H], same dtype. labels: [N] int32 or
             int64 in [0, V) (ignored rows already removed by the caller).
         vocab_splits: force this many vocabulary splits (tests); default: the split count that
-            finishes in the fewest tile-times on this device (:func:`vocab_split`).
+            finishes in the fewest tile-times on this device (:func:`vocab_split`), raised where
+            needed so that one wave's programs span at most ``group_n`` token blocks.
+        group_n: token blocks per program group (default :func:`token_group`: the hidden-state
+            blocks of a group fit ``L2_HIDDEN_BUDGET``).
 
     Returns ``(logp [N] fp32, lse [N] fp32)``.
     """
@@ -177,11 +227,18 @@ def logprobs_forward(hidden, weight, labels, *, vocab_splits: int | None = None)
     device = hidden.device
     tiles = tiles_for(device)
     t = tiles.logprobs("forward", hidden.dtype)
+    slots = tiles.forward_blocks_per_sm * sm_count(device)
+    if group_n is None:
+        group_n = token_group(n, hidden_size, t.block_n, hidden.element_size(), slots)
+    if group_n < 1:
+        raise ValueError(f"group_n must be >= 1, got {group_n}")
+    tiles_v = triton.cdiv(vocab, t.block_v)
     if vocab_splits is None:
-        splits, per_split = vocab_split(n, vocab, t.block_n, t.block_v,
-                                        tiles.forward_blocks_per_sm * sm_count(device))
+        # A wave of `slots` programs spans slots / splits token blocks: at least enough splits
+        # that it spans one group, so the hidden-state blocks it re-reads stay in L2.
+        floor = triton.cdiv(slots, group_n) if triton.cdiv(n, t.block_n) > group_n else 1
+        splits, per_split = vocab_split(n, vocab, t.block_n, t.block_v, slots, min_splits=floor)
     else:
-        tiles_v = triton.cdiv(vocab, t.block_v)
         per_split = triton.cdiv(tiles_v, max(1, min(vocab_splits, tiles_v))) * t.block_v
         splits = triton.cdiv(vocab, per_split)
     part_max = torch.empty(splits, n, dtype=torch.float32, device=device)
@@ -190,9 +247,9 @@ def logprobs_forward(hidden, weight, labels, *, vocab_splits: int | None = None)
     logp = torch.empty(n, dtype=torch.float32, device=device)
     lse = torch.empty(n, dtype=torch.float32, device=device)
     with _on_device(device):
-        _logprobs_forward_kernel[(triton.cdiv(n, t.block_n), splits)](
+        _logprobs_forward_kernel[(triton.cdiv(n, t.block_n) * splits,)](
             hidden, weight, labels, part_max, part_sum, label_logit,
-            n, vocab, hidden_size, per_split,
+            n, vocab, hidden_size, per_split, splits, group_n,
             BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_H=t.block_h,
             DOT_PRECISION=dot_precision(hidden.dtype), UPCAST_DOT=interpreting(),
             num_warps=t.num_warps, num_stages=t.num_stages,

@@ -16,6 +16,9 @@ it whose A operand is a register range, each register of that range that is
 
 i.e. live around the back-edge yet clobbered inside the loop. :func:`spill_instructions` counts
 local-memory traffic (``STL``/``LDL``), which is what a register spill compiles to.
+:func:`atomic_instructions` lists atomics and memory reductions (``ATOM``, ``ATOMG``, ``ATOMS``,
+``RED``, ``REDG``, ``REDAS``): their order across threads and blocks is not fixed, so float sums
+built with them differ in their last bits from run to run; no shipped kernel may contain one.
 
 The parser reads ``cuobjdump -sass`` text: ``/*addr*/ [@pred] OPCODE operands ;`` lines and either
 ``BRA 0x5e30`` or ``BRA `(.L_x_3)`` targets with ``.L_x_3:`` labels.
@@ -174,3 +177,14 @@ def spill_instructions(sass: str) -> int:
 def hgmma_count(sass: str) -> int:
     instrs, _ = parse_sass(sass)
     return sum(1 for i in instrs if i.opcode.startswith("HGMMA"))
+
+
+# Opcode families that read-modify-write memory atomically. REDUX (a warp-wide register reduction,
+# fixed order) and reductions inside one thread are not among them.
+ATOMIC_OPCODES = ("ATOM", "ATOMG", "ATOMS", "RED", "REDG", "REDAS")
+
+
+def atomic_instructions(sass: str) -> list[str]:
+    """Every atomic or memory-reduction instruction of the SASS, as ``"0xADDR OPCODE"``."""
+    instrs, _ = parse_sass(sass)
+    return [f"0x{i.addr:04x} {i.opcode}" for i in instrs if i.opcode.split(".")[0] in ATOMIC_OPCODES]

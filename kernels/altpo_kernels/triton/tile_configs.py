@@ -46,6 +46,16 @@ class ElementwiseTiles:
 
 
 @dataclass(frozen=True)
+class SegmentTiles:
+    """The segment sum: a program owns ``block_s`` sequences and walks the tokens ``block`` at a
+    time, reducing a ``block_s x block`` masked tile per step (no atomics)."""
+
+    block_s: int
+    block: int
+    num_warps: int
+
+
+@dataclass(frozen=True)
 class ArchTiles:
     forward: LogprobsTiles  # bf16 / fp16 inputs
     backward: LogprobsTiles
@@ -57,6 +67,8 @@ class ArchTiles:
     # Forward blocks resident per SM (registers and shared memory allow one for the 16-bit tiles):
     # ``vocab_split`` counts waves of ``forward_blocks_per_sm x SMs`` programs.
     forward_blocks_per_sm: int
+    # 32 sequences x 256 tokens over 4 warps: 64 values a thread, no shared-memory staging.
+    segment: SegmentTiles = SegmentTiles(block_s=32, block=256, num_warps=4)
 
     def logprobs(self, direction: str, dtype: torch.dtype) -> LogprobsTiles:
         """Tiles of the ``"forward"`` or ``"backward"`` kernel for inputs of ``dtype``."""
@@ -113,6 +125,8 @@ TILES = {
                                     num_stages=1, group_n=2),
         elementwise=ElementwiseTiles(block=16, num_warps=1),
         forward_blocks_per_sm=1,
+        # 4 sequences x 16 tokens: test shapes cross several sequence tiles and token blocks.
+        segment=SegmentTiles(block_s=4, block=16, num_warps=1),
     ),
 }
 
@@ -151,6 +165,7 @@ def tiles_for(device: torch.device) -> ArchTiles:
             backward_fp32=_with_stages(tiles.backward_fp32, 2),
             elementwise=tiles.elementwise,
             forward_blocks_per_sm=tiles.forward_blocks_per_sm,
+            segment=tiles.segment,
         )
     return tiles
 

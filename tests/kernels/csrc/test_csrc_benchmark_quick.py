@@ -24,6 +24,18 @@ def test_quick_mode_runs_the_host_epilogues(tmp_path):
         cuda = next(r for r in case["rows"] if r["backend"] == "cuda")
         assert cuda["forward_ms"] > 0
         check = case["checks"]["cuda_vs_reference"]
+        assert cuda["status"] == "ok", cuda["status"]
         assert check["ok"] and check["logp_max_abs"] < 1e-4
-        if cuda["status"] == "ok":  # the backward runs once the shared chunk loop is installed
-            assert check["dh_rel"] < 2e-2 and check["dw_rel"] < 2e-2
+        assert check["dh_rel"] < 2e-2 and check["dw_rel"] < 2e-2
+
+
+def test_quick_mode_fails_when_a_backend_fails(tmp_path):
+    """A backend that cannot run (here: the library path points at nothing) is a failure, not a
+    row with a status to overlook: exit 1, naming the backend."""
+    env = dict(os.environ, ALTPO_CSRC_HOST_LIB=str(tmp_path / "missing.so"),
+               ALTPO_CSRC_LIB=str(tmp_path / "missing.so"))
+    res = subprocess.run([sys.executable, "-m", "benchmarks.cuda_vs_triton", "--quick", "--backends", "cuda",
+                          "--budget", "0.05"], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "backend failed" in res.stderr and "cuda" in res.stderr

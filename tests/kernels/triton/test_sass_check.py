@@ -114,3 +114,43 @@ def test_compiled_fixture_is_flagged(compiled_fixture):
                     "show the check failing")
     assert compiled_fixture["hazards"], "triton 3.6 miscompiles the fixture; the check must see it"
     assert any("LDSM" in m or "LDS" in m for m in compiled_fixture["hazards"])
+
+
+def test_atomic_instructions_are_listed():
+    text = _sass([(0x10, "RED.E.ADD.F32.FTZ.RN.STRONG.GPU [R2.64], R5"),
+                  (0x20, "ATOMG.E.ADD.F32.FTZ.RN.STRONG.GPU PT, R7, [R2.64], R5"),
+                  (0x30, "@P0 ATOMS.ADD R4, [R3], R5"),
+                  (0x40, "REDG.E.ADD.F32.FTZ.RN.STRONG.GPU desc[UR4][R2.64], R5"),
+                  (0x50, "REDUX.SUM UR5, R4"),  # warp register reduction: fixed order, allowed
+                  (0x60, "STG.E [R2.64], R5"), (0x70, "FADD R5, R5, R6")])
+    assert sass_check.atomic_instructions(text) == [
+        "0x0010 RED.E.ADD.F32.FTZ.RN.STRONG.GPU", "0x0020 ATOMG.E.ADD.F32.FTZ.RN.STRONG.GPU",
+        "0x0030 ATOMS.ADD", "0x0040 REDG.E.ADD.F32.FTZ.RN.STRONG.GPU"]
+    assert sass_check.atomic_instructions(_sass(HAZARD)) == []
+
+
+_COMPILE_ATOMIC = """
+import json, sys
+sys.path.insert(0, {here!r})
+import atomic_fixture as f
+from altpo_kernels.triton import aot_compile, sass_check
+out = {{}}
+for arch in ("sm_80", "sm_90"):
+    compiled, _ = aot_compile.compile_kernel(f.atomic_segment_sum_kernel, f.TYPES, f.CONSTEXPRS,
+                                             arch, **f.OPTIONS)
+    out[arch] = sass_check.atomic_instructions(aot_compile.disassemble(compiled.asm["cubin"]))
+print(json.dumps(out))
+"""
+
+
+def test_compiled_atomic_segment_sum_is_flagged():
+    """The check fails on real SASS: the old atomic segment sum, compiled by this Triton release
+    for both architectures, has atomics the check lists."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_ATOMIC.format(here=str(HERE))],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    for arch in ("sm_80", "sm_90"):
+        assert found[arch], f"{arch}: no atomic found in the atomic fixture's SASS"
+        assert all(m.split()[1].split(".")[0] in sass_check.ATOMIC_OPCODES for m in found[arch])

@@ -10,7 +10,7 @@ import torch
 
 from altpo_kernels.reference import linear_logprobs_reference
 from altpo_kernels.triton import logprobs_backward, logprobs_forward
-from altpo_kernels.triton.logprobs_forward import vocab_split
+from altpo_kernels.triton.logprobs_forward import program_order, token_group, vocab_split
 from conftest import kernel_device
 from kernel_cases import random_linear_inputs
 
@@ -52,6 +52,44 @@ def test_vocab_split_covers_the_vocabulary():
     for n, v in [(1, 7), (33, 1000), (4096, 128256), (5000, 151936)]:
         splits, per = vocab_split(n, v, 128, 128, 132)
         assert per % 128 == 0 and splits * per >= v and (splits - 1) * per < v
+
+
+@pytest.mark.parametrize("group_n,splits", [(1, 1), (2, 3), (3, 2), (4, 1), (50, 2)])
+def test_forward_grouped_grid_covers_every_block_and_split(group_n, splits):
+    """The grouped 1-D grid: groups of 1 to 4 token blocks (5 blocks of 16: the last group ragged)
+    and more than all, with 1 to 3 splits, against float64."""
+    hidden, weight, labels, upstream = _inputs(77, 19, 61, torch.float32, 60 + 7 * group_n + splits)
+    logp, lse = logprobs_forward(hidden, weight, labels, vocab_splits=splits, group_n=group_n)
+    ref_logp, ref_lse, _, _ = _reference(hidden, weight, labels, upstream)
+    torch.testing.assert_close(lse.double().cpu(), ref_lse, rtol=1e-6, atol=2e-5)
+    torch.testing.assert_close(logp.double().cpu(), ref_logp, rtol=1e-5, atol=2e-5)
+
+
+def test_program_order_is_a_bijection_in_groups():
+    for n, block, splits, group in [(77, 16, 3, 2), (16384, 128, 5, 32), (4096, 128, 4, 32),
+                                    (1000, 128, 7, 3), (5, 16, 1, 1)]:
+        blocks = -(-n // block)
+        seen = [program_order(p, n, block, splits, group) for p in range(blocks * splits)]
+        assert sorted(seen) == [(b, s) for b in range(blocks) for s in range(splits)]
+        # the first group_n * splits programs touch only the first group_n token blocks
+        first = seen[: min(group, blocks) * splits]
+        assert {b for b, _ in first} == set(range(min(group, blocks)))
+    with pytest.raises(ValueError, match="group_n"):
+        hidden, weight, labels, _ = _inputs(5, 4, 9, torch.float32, 1)
+        logprobs_forward(hidden, weight, labels, group_n=0)
+
+
+def test_token_group_and_l2_split_floor():
+    # H = 2048 bf16, 128-token blocks: 512 KiB each; 16 MiB of them = 32 blocks
+    assert token_group(16384, 2048, 128, 2, 132) == 32
+    assert token_group(4096, 2048, 128, 2, 132) == 32
+    assert token_group(100, 2048, 128, 2, 132) == 1
+    assert token_group(16384, 8192, 128, 4, 132) == 4  # 4 MiB blocks
+    # N = 16384: at least ceil(132 / 32) = 5 splits; 5 splits of 201 tiles: 640 programs in 5
+    # waves = 1005 tile-times (6 splits: 6 waves x 167 = 1002, within 4 %, so the fewer splits win)
+    assert vocab_split(16384, 128256, 128, 128, 132, min_splits=5) == (5, 201 * 128)
+    # the floor never exceeds the tile count
+    assert vocab_split(10, 40, 16, 16, 2, min_splits=9) == (3, 16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

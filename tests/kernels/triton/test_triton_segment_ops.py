@@ -1,15 +1,18 @@
 """The AltPO epilogue's Triton kernels (segment sums, coefficient gather) against plain loops.
 
 Without CUDA these run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1);
-the interpreter's tiles are 16 tokens wide, so the sizes below span several blocks with a ragged
-last one.
+the interpreter's tiles are 16 tokens wide and 4 sequences tall, so the sizes below span several
+token blocks (ragged last one) and several sequence tiles of the atomic-free segment sum.
 """
 
 import pytest
 import torch
 
 from altpo_kernels.altpo_loss import SegmentSumFunction
+from altpo_kernels.torch_chunked import masked_segment_sum
+from altpo_kernels.torch_chunked import segment_sum as torch_segment_sum
 from altpo_kernels.triton import gather_segments, segment_sum
+from altpo_kernels.triton.segment_ops import _segment_sum_kernel
 from conftest import kernel_device
 
 
@@ -42,7 +45,7 @@ def test_segment_sum_matches_loop(layout):
     out = segment_sum(values.to(device), seq_ids.to(device), num_seqs)
     ref = _loop_segment_sum(values, seq_ids, num_seqs)
     assert out.dtype == torch.float32 and out.shape == (num_seqs,)
-    # fp32 atomic adds in any order: error bounded by a few ulps of the running sums.
+    # fp32 sums in a fixed order: error bounded by a few ulps of the running sums.
     torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-6, atol=1e-5)
     assert torch.all(out[num_seqs - 2:].cpu() == 0)
 
@@ -86,3 +89,43 @@ def test_segment_sum_gradient_is_the_gather():
     torch.testing.assert_close(sums.double().detach().cpu(),
                                _loop_segment_sum(values.detach().cpu(), seq_ids, 4),
                                rtol=1e-6, atol=1e-5)
+
+
+def test_segment_sum_spans_many_sequence_tiles_and_is_repeatable():
+    """23 sequences (6 tiles of 4 under the interpreter, one 32-wide tile on a GPU) over 150
+    tokens; two calls give bit-identical sums (on a GPU this is the no-atomics property)."""
+    g = torch.Generator().manual_seed(7)
+    lengths = torch.randint(0, 13, (23,), generator=g).tolist()
+    seq_ids = _packed_ids(lengths)
+    values = torch.randn(seq_ids.numel(), generator=g) * 2 + 0.3
+    device = kernel_device()
+    first = segment_sum(values.to(device), seq_ids.to(device), 23)
+    second = segment_sum(values.to(device), seq_ids.to(device), 23)
+    torch.testing.assert_close(first.double().cpu(), _loop_segment_sum(values, seq_ids, 23),
+                               rtol=1e-6, atol=1e-5)
+    assert torch.equal(first, second)
+    assert torch.all(first.cpu()[torch.tensor(lengths) == 0] == 0)
+
+
+def test_segment_sum_kernel_has_no_atomic_add():
+    """The source-level half of the no-atomics rule (the SASS half is in test_triton_compile)."""
+    import inspect
+    src = inspect.getsource(_segment_sum_kernel.fn if hasattr(_segment_sum_kernel, "fn")
+                            else _segment_sum_kernel)
+    assert "atomic" not in src.replace("atomics", "")
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 1000])
+def test_masked_segment_sum_matches_loop(chunk):
+    """The torch backend's CUDA segment sum (atomic-free, chunked), run here on the CPU with
+    chunks from one token to all of them; shuffled ids and empty sequences."""
+    g = torch.Generator().manual_seed(8 + chunk)
+    seq_ids = torch.randint(0, 11, (61,), generator=g)
+    values = torch.randn(61, generator=g) * 4 - 1
+    out = masked_segment_sum(values, seq_ids, 13, chunk)
+    torch.testing.assert_close(out.double(), _loop_segment_sum(values, seq_ids, 13),
+                               rtol=1e-6, atol=1e-5)
+    assert torch.equal(out, masked_segment_sum(values, seq_ids, 13, chunk))
+    assert masked_segment_sum(values[:0], seq_ids[:0], 3, chunk).tolist() == [0.0, 0.0, 0.0]
+    torch.testing.assert_close(torch_segment_sum(values, seq_ids, 13).double(),
+                               _loop_segment_sum(values, seq_ids, 13), rtol=1e-6, atol=1e-5)
