@@ -104,8 +104,10 @@ def logprobs_backward(hidden, weight, labels, lse, grad_logp, need_dh=True, need
 
 
 def segment_sum(values, seq_ids, num_seqs: int):
-    out = torch.zeros(num_seqs, dtype=torch.float32, device=values.device)
-    return out.index_add_(0, seq_ids.long(), values.float())
+    # float64 accumulation, rounded once: an fp32 index_add_ adds a sequence's tokens one by one,
+    # and its error grows with the length beyond that of a pairwise .sum()
+    out = torch.zeros(num_seqs, dtype=torch.float64, device=values.device)
+    return out.index_add_(0, seq_ids.long(), values.double()).float()
 
 
 def gather_segments(seq_values, seq_ids):
