@@ -140,6 +140,13 @@ def _check_retain_logs_split(logs, args, groups) -> None:
 
 
 def run(args) -> int:
+    from altpo.progress import interactive, third_party_bars
+
+    with third_party_bars(not args.quiet and interactive()):  # --quiet: no third-party bars either
+        return _run(args)
+
+
+def _run(args) -> int:
     groups = _check(args)
     from altpo.eval.sharding import join_process_group
     from altpo.eval.tofu import TofuDataError, evaluate_tofu
