@@ -75,6 +75,8 @@ class LogProgress:
         if self.closed:
             return
         self.closed = True
+        if self.n == self.start_n and not self.total:
+            return  # an empty stage: nothing to report
         elapsed = self.clock() - self.started
         self._write(f"{self.desc}: {self._counts()} {self.unit} in {_duration(elapsed)} "
                     f"({self._rate(elapsed):.2f} {self.unit}/s){self.postfix}")

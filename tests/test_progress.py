@@ -39,6 +39,8 @@ def test_progress_bar_off_a_terminal_is_lines_and_off_when_disabled(capsys):
     assert list(progress_bar(items, desc="rows")) == items   # pytest's stderr is not a terminal
     err = capsys.readouterr().err
     assert err.startswith("rows: 7/7 it in ") and err.count("\n") == 1
+    assert list(progress_bar([], desc="nothing")) == []
+    assert capsys.readouterr().err == ""   # an empty stage prints nothing
 
 
 def test_plain_steps_keep_first_and_last_and_thin_the_rest(capsys):
