@@ -14,8 +14,9 @@ What runs where:
   config's logit scale are folded into the hidden states (``(s/T) * h @ W.T``), so they run on
   the kernel too.
 - ``entropy``, ``mean_logits``, ``is_top1`` and ``log_sum_sq_probs``, when requested, come from
-  a second pass over the LM head in token chunks, without gradient (TRL's DPO trainer logs them
-  and detaches them; ``log_sum_sq_probs`` has no gradient in TRL either).
+  a second pass over the LM head in token chunks. ``entropy`` has a gradient, as in TRL (its
+  backward recomputes the chunks, and runs only when a loss uses it); the others have none, as
+  in TRL.
 - A config with ``final_logit_softcapping``, an LM head with a bias, or a MoE config that asks
   for router logits is handed to TRL's own ``add_fused_lm_head``, with a warning saying so.
 """
@@ -100,6 +101,39 @@ def _metrics(hidden, weight, labels, outputs):
     return fields
 
 
+class _EntropyGrad(torch.autograd.Function):
+    """Attaches the gradient of the per-row entropy to values computed in the no-gradient pass.
+
+    Backward recomputes the logits one token chunk at a time: dH/dz_j = -p_j (log p_j + H), then
+    dh = dz W and dW = dz^T h, with fp32 accumulation. It runs only when a loss uses the entropy.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, weight, entropy):
+        ctx.save_for_backward(rows, weight, entropy)
+        return entropy.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weight, entropy = ctx.saved_tensors
+        need_rows, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.float()
+        d_rows = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device) if need_rows else None
+        d_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_weight else None
+        step = max(1, _METRICS_TILE_ELEMENTS // max(weight.shape[0], 1))
+        for start in range(0, rows.shape[0], step):
+            sl = slice(start, min(rows.shape[0], start + step))
+            h = rows[sl].float()
+            logp = torch.log_softmax(h @ w.T, dim=-1)
+            dz = -grad[sl].float()[:, None] * logp.exp() * (logp + entropy[sl][:, None])
+            if need_rows:
+                d_rows[sl] = dz @ w
+            if need_weight:
+                d_weight.addmm_(dz.T, h)
+        return (None if d_rows is None else d_rows.to(rows.dtype),
+                None if d_weight is None else d_weight.to(weight.dtype), None)
+
+
 def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
                       outputs: tuple[str, ...] = ("log_probs",), *, backend: str = "auto") -> None:
     """Patch ``model`` so ``model(..., labels=labels, fused_lm_head=True)`` scores on this kernel.
@@ -174,6 +208,9 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
             else:  # a differentiable zero keeps an all-masked micro-batch in the graph
                 token_logp = rows.float().sum(-1)
             fields = _metrics(rows, weight, picked, extras) if extras and rows.shape[0] else {}
+            if "entropy" in fields and torch.is_grad_enabled() and (rows.requires_grad
+                                                                    or weight.requires_grad):
+                fields["entropy"] = _EntropyGrad.apply(rows, weight, fields["entropy"])
         log_probs = token_logp.new_zeros(mask.shape).masked_scatter(mask, token_logp)
         per_token = {}
         for name in extras:
