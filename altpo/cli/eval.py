@@ -138,6 +138,13 @@ def _check_retain_logs_split(logs, args, groups) -> None:
 
 
 def run(args) -> int:
+    from altpo.progress import interactive, third_party_bars
+
+    with third_party_bars(not args.quiet and interactive()):  # --quiet: no third-party bars either
+        return _run_with_lock(args)
+
+
+def _run_with_lock(args) -> int:
     """Rank 0 (the only process, or torchrun's first) holds the output folder's eval lock from
     before the model loads until the results are written; under it the output is checked again."""
     from altpo.eval.output import check_output, lock_output, unlock_output

@@ -62,6 +62,13 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from altpo.progress import interactive, third_party_bars
+
+    with third_party_bars(not args.quiet and interactive()):  # --quiet: no third-party bars either
+        return _run(args)
+
+
+def _run(args) -> int:
     if args.k < 1:
         raise UserError(f"--k must be >= 1, got {args.k}")
     if args.batch_size < 1 or args.max_new_tokens < 1:

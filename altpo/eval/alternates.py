@@ -222,9 +222,9 @@ def generate_alternates(model, tokenizer, questions_answers: Sequence, k: int = 
     exists and cannot be resumed (other settings) and ``force`` is off.
     """
     import torch
-    from tqdm.auto import tqdm
 
     from altpo.eval import open_unlearning_prompt as ou_prompt
+    from altpo.progress import progress_bar
     from altpo.eval.tofu import check_chat_tokenizer, encode_prompt
 
     if k < 1:
@@ -260,8 +260,8 @@ def generate_alternates(model, tokenizer, questions_answers: Sequence, k: int = 
     todo = [b for b, idx in enumerate(batches) if any(pairs[i] not in done for i in idx)]
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(pairs) - report.resumed_questions, desc="alternates", unit="question",
-               disable=not progress)
+    bar = progress_bar(total=len(pairs) - report.resumed_questions, desc="alternates",
+                       unit="question", enabled=progress)
     try:
         for b in todo:
             idx = batches[b]

@@ -36,9 +36,10 @@ def gradnorm_scores(model, tokenizer, pairs, *, fmt: ChatFormat, backend: str = 
     larger update, so a larger norm means "less likely a member".
     """
     import torch
-    from tqdm.auto import tqdm
 
     from altpo_kernels import linear_logprobs
+
+    from altpo.progress import progress_bar
 
     backbone, weight = backbone_and_head(model)
     device = model_device(model)
@@ -49,7 +50,8 @@ def gradnorm_scores(model, tokenizer, pairs, *, fmt: ChatFormat, backend: str = 
     try:
         for p in params:
             p.requires_grad_(True)
-        for i, (q, a) in tqdm(shards.take(list(pairs)), desc=desc, disable=not progress, leave=False):
+        mine = list(shards.take(list(pairs)))
+        for i, (q, a) in progress_bar(mine, desc=desc, unit="row", enabled=progress):
             e = encode_qa(tokenizer, q, a, fmt=fmt)
             ids_t = torch.tensor([e.input_ids])
             mask = attention_mask(ids_t, torch.ones_like(ids_t), pad, numerics).to(device)

@@ -136,9 +136,10 @@ class Scorer:
 
     def score(self, pairs: Sequence[tuple[str, str]], desc: str, vocab: bool = False) -> list[SequenceStats]:
         import torch
-        from tqdm.auto import tqdm
 
         from altpo_kernels import linear_logprobs
+
+        from altpo.progress import progress_bar
 
         todo = sorted(
             {p for p in pairs if p not in self.cache or (vocab and self.cache[p].argmax is None)}
@@ -152,7 +153,7 @@ class Scorer:
         batches = [todo[i:i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
         done: dict = {}
         mine = [b for _, b in self.shards.take(batches)]
-        for batch in tqdm(mine, desc=desc, disable=not self.progress, leave=False):
+        for batch in progress_bar(mine, desc=desc, unit="batch", enabled=self.progress):
             width = max(len(encoded[p][0]) for p in batch)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             lab = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
@@ -215,7 +216,8 @@ def generate_greedy(model, tokenizer, prompts: Sequence[list[int]], *, batch_siz
     """
     check_numerics(numerics)
     import torch
-    from tqdm.auto import tqdm
+
+    from altpo.progress import progress_bar
 
     device = model_device(model)
     pad = pad_token_id(tokenizer)
@@ -236,7 +238,8 @@ def generate_greedy(model, tokenizer, prompts: Sequence[list[int]], *, batch_siz
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: dict[int, str] = {}
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for _, batch in tqdm(shards.take(batches), desc=desc, disable=not progress, leave=False):
+    mine = list(shards.take(batches))
+    for _, batch in progress_bar(mine, desc=desc, unit="batch", enabled=progress):
         width = max(len(prompts[i]) for i in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)

@@ -457,13 +457,16 @@ def evaluate_tofu(model, tokenizer, data_dir, forget_split: str = "forget10", *,
         out = Path(output_dir)
         if out.exists() and not out.is_dir():
             raise NotADirectoryError(f"output_dir {out} exists and is not a folder; choose another path")
-    logs = compute_tofu_metrics(
-        model, tokenizer, data_dir, forget_split, retain_logs=retain, batch_size=batch_size,
-        max_new_tokens=max_new_tokens, system_prompt=system_prompt, date_string=date_string,
-        splits=splits, holdout_split=holdout_split, max_rows=max_rows, min_k=min_k,
-        progress=progress, verbose=verbose and shards.rank == 0, backend=backend, numerics=numerics,
-        reference_model=reference_model, shards=shards,
-    )
+    from altpo.progress import interactive, third_party_bars
+
+    with third_party_bars(progress and interactive()):  # datasets' and transformers' bars
+        logs = compute_tofu_metrics(
+            model, tokenizer, data_dir, forget_split, retain_logs=retain, batch_size=batch_size,
+            max_new_tokens=max_new_tokens, system_prompt=system_prompt, date_string=date_string,
+            splits=splits, holdout_split=holdout_split, max_rows=max_rows, min_k=min_k,
+            progress=progress, verbose=verbose and shards.rank == 0, backend=backend,
+            numerics=numerics, reference_model=reference_model, shards=shards,
+        )
     summary = M.summary_from_eval(logs)
     if shards.rank != 0:
         return summary

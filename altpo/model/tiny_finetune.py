@@ -83,7 +83,7 @@ def finetune_qa(model, tokenizer, rows: Sequence[dict], *, epochs: int = 30, bat
         raise ValueError("finetune_qa needs at least one question/answer row")
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be positive, got {epochs}, {batch_size}")
-    from tqdm.auto import tqdm
+    from altpo.progress import progress_bar
 
     variants: list[list[tuple[list[int], list[int]]]] = []
     for row in rows:
@@ -110,7 +110,7 @@ def finetune_qa(model, tokenizer, rows: Sequence[dict], *, epochs: int = 30, bat
     order = list(range(len(encoded)))
     losses: list[float] = []
     model.train()
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="step")
+    bar = progress_bar(total=total, desc=desc, unit="step", enabled=progress)
     try:
         for _ in range(epochs):
             rng.shuffle(order)

@@ -92,5 +92,8 @@ def build_tiny_llama(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, n
 
 def save_tiny_model(model, tokenizer, path) -> None:
     """``save_pretrained`` both, so loading goes through ``from_pretrained`` like a real checkpoint."""
+    from altpo.model.saving import make_folder_portable
+
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    make_folder_portable(path)  # loadable by transformers 4.45+ too

@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from altpo.model.saving import make_folder_portable
+
 CHECKPOINTS = "checkpoints"
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -87,6 +89,7 @@ def _save_model_folder(folder: Path, model, tokenizer) -> None:
     model.save_pretrained(str(folder))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
+    make_folder_portable(folder)  # loadable by transformers 4.45+ too (open-unlearning's pin)
 
 
 def fsync_path(path: str | Path) -> None:

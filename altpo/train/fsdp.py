@@ -31,6 +31,7 @@ from torch import nn
 
 from altpo.data.packing import pack_micro_batches, sequence_units
 from altpo.errors import UserError
+from altpo.train.sequence_sums import sequence_sums
 from altpo.train.checkpoint import (
     STATE_JSON,
     STATE_TENSORS,
@@ -205,8 +206,7 @@ def sharded_sequence_logprobs(root: ShardRoot, sequences, *, tokens_per_microbat
             token_logp = root(mb, logprobs_only=True)  # every process joins every forward
             if not real:
                 continue
-            per_seq = torch.zeros(len(mb.seq_lens), dtype=torch.float32, device=device)
-            per_seq.index_add_(0, mb.seq_ids, token_logp.float())
+            per_seq = sequence_sums(token_logp, mb.seq_ids, len(mb.seq_lens))
             keys = torch.tensor([mine[u.key] for u in mb.units], dtype=torch.long, device=device)
             out[keys] = per_seq[torch.tensor(mb.unit_offsets, device=device)].double()
     finally:

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from altpo.errors import UserError
+from altpo.train.sequence_sums import sequence_sums
 from altpo.train.step import sequence_logprobs
 
 if TYPE_CHECKING:
@@ -223,8 +224,7 @@ def resident_reference(ref_model, config: TrainConfig, budget: int):
         hidden = last_hidden_states(ref_model, mb)
         token_logp = linear_logprobs(hidden, output_weight(ref_model), mb.labels,
                                      backend=config.loss_backend)
-        per_seq = torch.zeros(len(mb.seq_lens), dtype=torch.float32, device=hidden.device)
-        per_seq.index_add_(0, mb.seq_ids, token_logp.float())
+        per_seq = sequence_sums(token_logp, mb.seq_ids, len(mb.seq_lens))
         mb.ref_win_logps = per_seq[mb.win_seqs]
         mb.ref_lose_logps = per_seq[mb.lose_seqs]
         return mb

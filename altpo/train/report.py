@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 
 from altpo.errors import UserError
+from altpo.progress import LOG_INTERVAL_S, progress_bar
 from altpo.train.step import StepStats
 
 
@@ -148,35 +150,29 @@ class _StepBar:
 
 
 class _PlainSteps:
-    """Step progress for a log file: one plain line per step, no carriage returns."""
+    """Step progress for a log file: plain lines, no carriage returns: the first and the last
+    step, and in between at most one line every ``LOG_INTERVAL_S`` seconds, with the rate and the
+    time left."""
 
-    def __init__(self, total, initial):
-        self.total, self.done = total, initial
+    def __init__(self, total, initial, clock=time.monotonic):
+        self.total, self.done, self.first = total, initial, initial
+        self.clock = clock
+        self.started = self.last = clock()
 
     def update(self, record):
         self.done += 1
+        now = self.clock()
+        ends = self.done in (self.first + 1, self.total)
+        if not ends and now - self.last < LOG_INTERVAL_S:
+            return
+        self.last = now
+        rate = (self.done - self.first) / max(now - self.started, 1e-9)
+        left = (f", about {(self.total - self.done) / rate:.0f}s left"
+                if self.done < self.total and rate > 0 else "")
         print(f"step {self.done}/{self.total}: loss {record['loss']:.4f} (forget "
               f"{record['forget_loss']:.4f}, retain {record['retain_loss']:.4f}) "
-              f"{record['tokens_per_s'] or 0:.0f} tok/s mem {gib(record['memory_bytes'])}",
-              file=sys.stderr, flush=True)
-
-    def close(self):
-        pass
-
-
-class _PlainCount:
-    """Item progress for a log file: a line at every tenth of the work, and at the end."""
-
-    def __init__(self, total, desc):
-        self.total, self.desc, self.done, self.shown = total, desc, 0, 0
-
-    def update(self, n=1):
-        self.done += n
-        tenth = self.done * 10 // max(self.total, 1)
-        if tenth > self.shown or self.done >= self.total:
-            self.shown = tenth if self.done < self.total else 11
-            if self.done <= self.total:
-                print(f"{self.desc}: {self.done}/{self.total}", file=sys.stderr, flush=True)
+              f"{record['tokens_per_s'] or 0:.0f} tok/s mem {gib(record['memory_bytes'])} "
+              f"({rate:.2f} steps/s{left})", file=sys.stderr, flush=True)
 
     def close(self):
         pass
@@ -201,11 +197,7 @@ class Printer:
     def bar(self, total: int, desc: str):
         if self.quiet:
             return _NullBar()
-        if not interactive():
-            return _PlainCount(total, desc)
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=desc, unit="seq", dynamic_ncols=True)
+        return progress_bar(total=total, desc=desc, unit="seq", leave=True)
 
     def progress(self, total: int, initial: int):
         if self.quiet:

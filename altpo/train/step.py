@@ -26,6 +26,7 @@ from altpo_kernels.methods import get_method
 from altpo_kernels.unlearning_loss import UnlearningLossOutput
 
 from altpo.model.packed_attention import packed_attention_kwargs
+from altpo.train.sequence_sums import sequence_sums
 from altpo.data.packing import (
     MicroBatch,
     PackUnit,
@@ -198,8 +199,7 @@ def sequence_logprobs(model, sequences: Sequence[tuple[Sequence[int], Sequence[i
         mb = mb.to(device)
         hidden = last_hidden_states(model, mb)
         token_logp = linear_logprobs(hidden, weight, mb.labels, backend=loss_backend)
-        per_seq = torch.zeros(len(mb.seq_lens), dtype=torch.float32, device=device)
-        per_seq.index_add_(0, mb.seq_ids, token_logp.float())
+        per_seq = sequence_sums(token_logp, mb.seq_ids, len(mb.seq_lens))  # float64 accumulation
         keys = torch.tensor([u.key for u in mb.units], dtype=torch.long)
         out[keys] = per_seq[torch.tensor(mb.unit_offsets, device=device)].cpu()
         if progress is not None:

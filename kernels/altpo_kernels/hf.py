@@ -157,8 +157,9 @@ def batch_answer_logprobs(model, input_ids, attention_mask, labels, *, ignore_in
     """
     states = answer_hidden_states(model, input_ids, attention_mask, labels, ignore_index=ignore_index)
     token = linear_logprobs(states.hidden, output_weight(model), states.labels, backend=backend)
-    logps = torch.zeros(states.num_rows, dtype=torch.float32, device=token.device)
-    logps = logps.index_add(0, states.rows, token)
+    # float64 accumulation, rounded once: no worse than a pairwise .sum() against float64
+    logps = torch.zeros(states.num_rows, dtype=torch.float64, device=token.device)
+    logps = logps.index_add(0, states.rows, token.double()).float()
     counts = torch.zeros(states.num_rows, dtype=torch.long, device=token.device)
     counts.index_add_(0, states.rows, torch.ones_like(states.rows))
     return BatchLogprobs(logps, counts)

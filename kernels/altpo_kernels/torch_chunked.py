@@ -108,30 +108,31 @@ SEGMENT_TOKEN_CHUNK = 4096
 
 
 def segment_sum(values, seq_ids, num_seqs: int):
-    """``out[s] = sum of values[t] with seq_ids[t] == s`` (fp32), bit-identical run to run.
+    """``out[s] = sum of values[t] with seq_ids[t] == s`` (fp32), bit-identical run to run, and
+    accumulated in float64 then rounded once (an fp32 running sum over a long sequence drifts
+    further from the exact sum than a pairwise ``.sum()``).
 
     On the CPU ``index_add_`` adds in token order. On CUDA it adds with atomics (order varies
     between runs), so there the sums are masked row reductions over fixed token chunks, added in
     chunk order: no atomics, ``num_seqs x 4096`` floats of workspace.
     """
-    values = values.float()
     seq_ids = seq_ids.long()
-    out = torch.zeros(num_seqs, dtype=torch.float32, device=values.device)
     if values.device.type != "cuda":
-        return out.index_add_(0, seq_ids, values)
+        out = torch.zeros(num_seqs, dtype=torch.float64, device=values.device)
+        return out.index_add_(0, seq_ids, values.double()).float()
     return masked_segment_sum(values, seq_ids, num_seqs, SEGMENT_TOKEN_CHUNK)
 
 
 def masked_segment_sum(values, seq_ids, num_seqs: int, token_chunk: int):
     """The atomic-free segment sum: per chunk of ``token_chunk`` tokens, a ``[num_seqs, chunk]``
-    masked tile reduced along tokens, chunks added in order."""
-    out = torch.zeros(num_seqs, dtype=torch.float32, device=values.device)
+    masked tile reduced along tokens, chunks added in order, in float64."""
+    out = torch.zeros(num_seqs, dtype=torch.float64, device=values.device)
     segs = torch.arange(num_seqs, device=values.device)[:, None]
     for start in range(0, values.shape[0], token_chunk):
         ids = seq_ids[start:start + token_chunk].long()
-        vals = values[start:start + token_chunk].float()
+        vals = values[start:start + token_chunk].double()
         out += torch.where(ids[None, :] == segs, vals[None, :], 0.0).sum(dim=1)
-    return out
+    return out.float()
 
 
 def gather_segments(seq_values, seq_ids):

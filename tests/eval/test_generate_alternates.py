@@ -148,3 +148,22 @@ def test_cli_generate_alternates(tiny, tmp_path, capsys):
     assert "--model" in capsys.readouterr().err
     assert cli_main([*argv[:4], str(tmp_path / "nope"), *argv[5:]]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_quiet_silences_third_party_bars_even_on_a_terminal(tiny, tmp_path, capsys, monkeypatch, quiet):
+    import altpo.progress
+
+    monkeypatch.setattr(altpo.progress, "interactive", lambda: True)   # as if stderr were a terminal
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "forget01.json").write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in PAIRS))
+    argv = ["generate-alternates", "--model", str(tiny[0]), "--data", str(data), "--forget-split", "forget01",
+            "--k", "2", "--seed", "0", "--output", str(tmp_path / "alts.jsonl"), "--max-new-tokens", "4",
+            "--max-rows", "2"] + (["--quiet"] if quiet else [])
+    assert cli_main(argv) == 0
+    err = capsys.readouterr().err
+    if quiet:
+        assert err == ""
+    else:   # the same run without --quiet draws transformers' loading bar and ours
+        assert "Loading weights" in err and "alternates" in err
