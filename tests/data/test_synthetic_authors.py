@@ -13,7 +13,7 @@ from altpo.data.synthetic_authors import (
     write_synthetic_tofu,
 )
 
-# The fields of every TOFU file, as listed in ../shared/data/tofu/SOURCES.md.
+# The fields of every TOFU file, as in the hub's locuslab/TOFU (fixtures/tofu/SOURCES.md).
 QA = {"question", "answer"}
 PERTURBED = QA | {"paraphrased_answer", "perturbed_answer", "paraphrased_question"}
 GENERAL_PERTURBED = QA | {"perturbed_answer"}
