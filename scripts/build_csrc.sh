@@ -15,7 +15,10 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build="${BUILD_DIR:-$root/build}"
 jobs="${JOBS:-$(nproc 2>/dev/null || echo 2)}"
 
-nvcc_bin="$(command -v nvcc || true)"
+nvcc_bin=""
+if command -v nvcc >/dev/null 2>&1; then
+    nvcc_bin="$(command -v nvcc)"
+fi
 if [ -z "$nvcc_bin" ] && [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then
     nvcc_bin="${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"
 fi

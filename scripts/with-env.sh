@@ -19,7 +19,7 @@ install() {  # pip install with the lock; on failure, pip's output and a non-zer
     local log
     log="$(mktemp)"
     if ! "$venv/bin/python" -m pip install --disable-pip-version-check -c "$lock" "$@" >"$log" 2>&1; then
-        grep -v "is ignored: it is neither" "$log" >&2 || true   # the output itself, not its status
+        sed '/is ignored: it is neither/d' "$log" >&2   # pip's output, without the find-links noise
         rm -f "$log"
         echo "[with-env] pip install $* failed (output above)" >&2
         exit 1
