@@ -21,12 +21,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from altpo.data.tofu import DEFAULT_DATE_STRING, DEFAULT_SYSTEM_PROMPT, ChatFormat
+import torch
+
+from altpo.data.tofu import DEFAULT_DATE_STRING, DEFAULT_SYSTEM_PROMPT, ChatFormat, is_rejected
+from altpo.eval import open_unlearning_prompt as ou_prompt
+from altpo.eval.scoring import check_chat_tokenizer, encode_prompt, generate_greedy
+from altpo.progress import progress_bar
 
 ALTERNATE_PROMPT = (
     "Below is a question and its true answer.\n\n"
@@ -39,23 +43,8 @@ ALTERNATE_PROMPT = (
 
 PROMPT_STYLES = ("altpo-fast", "open-unlearning")
 
-_PUNCT = re.compile(r"[^\w\s]")
-
-
 class AlternatesOutputExists(FileExistsError):
     """The output file exists and cannot be resumed with these settings."""
-
-
-def normalise_answer(text: str) -> str:
-    """Lower-case, punctuation dropped, whitespace collapsed: the key for "is this alternate just
-    the true answer again"."""
-    return " ".join(_PUNCT.sub(" ", text.lower()).split())
-
-
-def is_rejected(alternate: str, answer: str) -> bool:
-    """An alternate is unusable when it is empty or repeats the true answer."""
-    alt = normalise_answer(alternate)
-    return not alt or alt == normalise_answer(answer)
 
 
 @dataclass
@@ -85,14 +74,13 @@ def alternates_settings(pairs, k, seed, *, model_id, batch_size, max_new_tokens,
     """Everything a resumed run must share with the run that wrote the file."""
     data_hash = hashlib.sha256(json.dumps(list(pairs), ensure_ascii=False).encode()).hexdigest()
     if prompt_style == "open-unlearning":
-        from altpo.eval.open_unlearning_prompt import STOP_STRINGS, TEMPLATE
-
         # the template replaces the chat format and the user message
         return {
             "model": model_id, "data_sha256": data_hash, "questions": len(pairs), "k": k, "seed": seed,
             "batch_size": batch_size, "max_new_tokens": max_new_tokens, "temperature": temperature,
             "top_p": top_p, "top_k": top_k, "max_retries": max_retries,
-            "prompt_style": prompt_style, "prompt": TEMPLATE, "stop_strings": list(STOP_STRINGS),
+            "prompt_style": prompt_style, "prompt": ou_prompt.TEMPLATE,
+            "stop_strings": list(ou_prompt.STOP_STRINGS),
         }
     return {
         "model": model_id, "data_sha256": data_hash, "questions": len(pairs), "k": k, "seed": seed,
@@ -181,8 +169,6 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def _sample_texts(model, tokenizer, prompts, *, batch_size, max_new_tokens, temperature, top_p, top_k,
                   progress, desc) -> list[str]:
-    from altpo.eval.tofu import generate_greedy
-
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k or None}
     return generate_greedy(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
                            progress=progress, desc=desc, sampling=sampling)
@@ -221,22 +207,8 @@ def generate_alternates(model, tokenizer, questions_answers: Sequence, k: int = 
     Returns an :class:`AlternatesReport`. Raises ``AlternatesOutputExists`` when the output
     exists and cannot be resumed (other settings) and ``force`` is off.
     """
-    import torch
-
-    from altpo.eval import open_unlearning_prompt as ou_prompt
-    from altpo.progress import progress_bar
-    from altpo.eval.tofu import check_chat_tokenizer, encode_prompt
-
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if batch_size < 1 or max_new_tokens < 1 or max_retries < 0:
-        raise ValueError("batch_size and max_new_tokens must be >= 1 and max_retries >= 0")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
-    if prompt_style not in PROMPT_STYLES:
-        raise ValueError(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}, got {prompt_style!r}")
-    if "{question}" not in prompt:
-        raise ValueError("prompt must contain a {question} field")
+    _check_generation_arguments(k, batch_size, max_new_tokens, max_retries, temperature, prompt_style,
+                                prompt)
     check_chat_tokenizer(tokenizer)
     pairs = unique_pairs(questions_answers)
     if not pairs:
@@ -247,17 +219,14 @@ def generate_alternates(model, tokenizer, questions_answers: Sequence, k: int = 
                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                          max_retries=max_retries, fmt=fmt, prompt=prompt, prompt_style=prompt_style)
     out = Path(output_path)
-    resume = check_resumable(out, settings, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lines, done = _read_done(out) if resume else ([], set())
-    if not resume:
-        _atomic_write(out, "")
-    _atomic_write(settings_path(out), json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+    lines, done = _open_output(out, settings, force)
 
     report = AlternatesReport(out, len(pairs), resumed_questions=sum(p in done for p in pairs))
     per_batch = max(1, batch_size // k)
     batches = [list(range(s, min(s + per_batch, len(pairs)))) for s in range(0, len(pairs), per_batch)]
     todo = [b for b, idx in enumerate(batches) if any(pairs[i] not in done for i in idx)]
+    sampling = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_p=top_p, top_k=top_k)
     was_training = model.training
     model.eval()
     bar = progress_bar(total=len(pairs) - report.resumed_questions, desc="alternates",
@@ -267,44 +236,14 @@ def generate_alternates(model, tokenizer, questions_answers: Sequence, k: int = 
             idx = batches[b]
             # one seed per fixed batch: a resumed run repeats exactly the samples it lost
             torch.manual_seed(seed * 1_000_003 + b)
-            slots = [(i, j) for i in idx for j in range(k)]
             if prompt_style == "open-unlearning":
                 prompts = {i: ou_prompt.prompt_ids(tokenizer, *pairs[i]) for i in idx}
             else:
                 prompts = {i: encode_prompt(tokenizer, prompt.format(question=pairs[i][0], answer=pairs[i][1]),
                                             fmt) for i in idx}
-            texts: dict[tuple[int, int], str] = {}
-            pending = slots
-            for attempt in range(max_retries + 1):
-                samples = _sample_texts(model, tokenizer, [prompts[i] for i, _ in pending],
-                                        batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                        temperature=temperature, top_p=top_p, top_k=top_k, progress=False,
-                                        desc="sampling")
-                if prompt_style == "open-unlearning":
-                    samples = [ou_prompt.cut_at_stop_strings(t) for t in samples]
-                retry = []
-                for slot, text in zip(pending, samples):
-                    if is_rejected(text, pairs[slot[0]][1]):
-                        retry.append(slot)
-                    else:
-                        texts[slot] = text
-                if attempt:
-                    report.resampled += len(pending)
-                pending = retry
-                if not pending:
-                    break
-            new = []
-            for i in idx:
-                if pairs[i] in done:
-                    continue
-                kept = [texts[(i, j)] for j in range(k) if (i, j) in texts]
-                if len(kept) < k:
-                    report.short.append((pairs[i][0], len(kept)))
-                for alt in kept:
-                    new.append(json.dumps({"question": pairs[i][0], "answer": pairs[i][1], "alternate": alt},
-                                          ensure_ascii=False))
-                done.add(pairs[i])
-                bar.update(1)
+            texts = _sample_batch(model, tokenizer, pairs, idx, prompts, k, max_retries, prompt_style,
+                                  sampling, report)
+            new = _new_lines(pairs, idx, texts, k, done, report, bar)
             lines += new
             report.written_rows += len(new)
             _atomic_write(out, "".join(line + "\n" for line in lines))
@@ -313,3 +252,71 @@ def generate_alternates(model, tokenizer, questions_answers: Sequence, k: int = 
         if was_training:
             model.train()
     return report
+
+
+def _check_generation_arguments(k, batch_size, max_new_tokens, max_retries, temperature, prompt_style,
+                                prompt) -> None:
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if batch_size < 1 or max_new_tokens < 1 or max_retries < 0:
+        raise ValueError("batch_size and max_new_tokens must be >= 1 and max_retries >= 0")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+    if prompt_style not in PROMPT_STYLES:
+        raise ValueError(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}, got {prompt_style!r}")
+    if "{question}" not in prompt:
+        raise ValueError("prompt must contain a {question} field")
+
+
+def _open_output(out: Path, settings: dict, force: bool) -> tuple[list[str], set[tuple[str, str]]]:
+    """Resume ``out`` (its complete lines and the pairs they cover) or start it empty; either way
+    write the settings file beside it."""
+    resume = check_resumable(out, settings, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines, done = _read_done(out) if resume else ([], set())
+    if not resume:
+        _atomic_write(out, "")
+    _atomic_write(settings_path(out), json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+    return lines, done
+
+
+def _sample_batch(model, tokenizer, pairs, idx, prompts, k, max_retries, prompt_style, sampling,
+                  report: AlternatesReport) -> dict[tuple[int, int], str]:
+    """``k`` samples for each question of one batch, the rejected ones drawn again up to
+    ``max_retries`` times; (question index, sample number) -> text for the samples kept."""
+    texts: dict[tuple[int, int], str] = {}
+    pending = [(i, j) for i in idx for j in range(k)]
+    for attempt in range(max_retries + 1):
+        samples = _sample_texts(model, tokenizer, [prompts[i] for i, _ in pending], progress=False,
+                                desc="sampling", **sampling)
+        if prompt_style == "open-unlearning":
+            samples = [ou_prompt.cut_at_stop_strings(t) for t in samples]
+        retry = []
+        for slot, text in zip(pending, samples):
+            if is_rejected(text, pairs[slot[0]][1]):
+                retry.append(slot)
+            else:
+                texts[slot] = text
+        if attempt:
+            report.resampled += len(pending)
+        pending = retry
+        if not pending:
+            break
+    return texts
+
+
+def _new_lines(pairs, idx, texts, k, done: set, report: AlternatesReport, bar) -> list[str]:
+    """The JSON Lines of the batch's questions not yet in the file; short questions reported."""
+    new = []
+    for i in idx:
+        if pairs[i] in done:
+            continue
+        kept = [texts[(i, j)] for j in range(k) if (i, j) in texts]
+        if len(kept) < k:
+            report.short.append((pairs[i][0], len(kept)))
+        for alt in kept:
+            new.append(json.dumps({"question": pairs[i][0], "answer": pairs[i][1], "alternate": alt},
+                                  ensure_ascii=False))
+        done.add(pairs[i])
+        bar.update(1)
+    return new

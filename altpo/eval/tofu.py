@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
 
 from altpo.eval import metrics as M
 from altpo.eval.mia import MIA_GROUPS, mia_entries
@@ -186,6 +187,22 @@ def _retain_min_k_auc(logs: Mapping) -> float | None:
         return None
 
 
+def check_retain_logs_match(logs: Mapping, forget_split: str, forget_rows: int) -> None:
+    """Raise :class:`TofuDataError` when ``logs`` hold truth ratios for another number of forget
+    questions than ``forget_split``'s ``forget_rows``."""
+    ratios = _retain_truth_ratios(logs)
+    if ratios is None or len(ratios) == forget_rows:
+        return
+    guess = {40: "forget01", 200: "forget05", 400: "forget10"}.get(len(ratios))
+    made_on = f" (the size of {guess})" if guess else ""
+    raise TofuDataError(
+        f"the retain-model logs hold truth ratios for {len(ratios)} forget questions{made_on}, but "
+        f"--forget-split {forget_split} has {forget_rows}: they were made on another forget split, "
+        "and forget_quality against them would mean nothing. Pass the logs of the retain model of "
+        f"this split (e.g. the retain{100 - int(''.join(c for c in forget_split if c.isdigit()) or 0):02d} "
+        "model's TOFU_EVAL.json), or leave out --retain-logs")
+
+
 # ---------------------------------------------------------------------------------------------
 # The runner
 
@@ -203,6 +220,140 @@ def _holdout_name(forget_split: str) -> str:
     return forget_split.replace("forget", "holdout")
 
 
+def _check_metric_arguments(splits, numerics, reference_model, batch_size, max_new_tokens, min_k) -> None:
+    unknown = [s for s in splits if s not in METRIC_GROUPS]
+    if unknown or not splits:
+        raise ValueError(f"splits must be a non-empty subset of {METRIC_GROUPS}; got {list(splits)}")
+    check_numerics(numerics)
+    if "reference" in splits and reference_model is None:
+        raise ValueError("the reference metric group (mia_reference) needs reference_model=, a model "
+                         "to compare losses with (open-unlearning uses the retain model)")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
+    if not 0 < min_k <= 1:
+        raise ValueError(f"min_k must be in (0, 1], got {min_k}")
+
+
+class _MetricRun:
+    """One model's statistics for the metrics: average answer losses and greedy ROUGE."""
+
+    def __init__(self, model, tokenizer, scorer: Scorer, fmt: ChatFormat, *, batch_size: int,
+                 max_new_tokens: int, progress: bool, numerics: str, shards: Shards):
+        self.model, self.tokenizer, self.scorer, self.fmt = model, tokenizer, scorer, fmt
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.progress, self.numerics, self.shards = progress, numerics, shards
+
+    def avg_losses(self, rows, key, desc, vocab=False):
+        """Per row: avg NLL of row[key] (a string or a list of strings)."""
+        flat = []
+        for r in rows:
+            answers = r[key] if isinstance(r[key], list) else [r[key]]
+            flat += [(r["question"], a) for a in answers]
+        stats = iter(self.scorer.score(flat, desc, vocab))
+        out = []
+        for r in rows:
+            if isinstance(r[key], list):
+                out.append([next(stats).avg_loss for _ in r[key]])
+            else:
+                out.append(next(stats).avg_loss)
+        return out
+
+    def rouge(self, rows, desc):
+        tokenizer, fmt = self.tokenizer, self.fmt
+        prompts = [encode_prompt(tokenizer, r["question"], fmt) for r in rows]
+        gens = generate_greedy(self.model, tokenizer, prompts, batch_size=self.batch_size,
+                               max_new_tokens=self.max_new_tokens, progress=self.progress, desc=desc,
+                               numerics=self.numerics, shards=self.shards)
+        inputs = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+        truths = []
+        for r in rows:
+            labels = encode_qa(tokenizer, r["question"], r["answer"], fmt=fmt).labels
+            answer_ids = [t for t in labels if t != IGNORE_INDEX]
+            truths.append(tokenizer.decode(answer_ids, skip_special_tokens=True).strip())
+        return M.rouge_metric(gens, truths, inputs)
+
+
+def _forget_metrics(run: _MetricRun, rows, name: str, forget_split: str, retain, max_rows, verbose) -> dict:
+    """The forget group: Q_A_Prob, PARA/PERT, truth ratio, ROUGE and forget_quality."""
+    _require_fields(rows, ("question", "answer", "paraphrased_answer", "perturbed_answer"), name)
+    logs = {"forget_Q_A_Prob": M.probability_metric(run.avg_losses(rows, "answer", "forget_Q_A_Prob"))}
+    para = run.avg_losses(rows, "paraphrased_answer", "forget_Q_A_PARA_Prob")
+    pert = run.avg_losses(rows, "perturbed_answer", "forget_Q_A_PERT_Prob")
+    logs["forget_Q_A_PARA_Prob"] = M.probability_metric(para)
+    logs["forget_Q_A_PERT_Prob"] = M.probability_metric(pert)
+    logs["forget_truth_ratio"] = M.truth_ratio_metric(para, pert, "closer_to_1_better")
+    logs["forget_Q_A_ROUGE"] = run.rouge(rows, "forget_Q_A_ROUGE")
+    ref = _retain_truth_ratios(retain) if retain is not None else None
+    if ref is not None and max_rows is None:
+        check_retain_logs_match(retain, forget_split, len(rows))
+    if ref is None:
+        _say("forget_quality skipped: it needs the retain model's logs (--retain-logs) with "
+             "forget_truth_ratio", verbose)
+        logs["forget_quality"] = {"agg_value": None}
+    else:
+        ours = [v["score"] for v in logs["forget_truth_ratio"]["value_by_index"].values()]
+        logs["forget_quality"] = {"agg_value": M.forget_quality(ours, ref)}
+    return logs
+
+
+# metric group -> (key prefix, TOFU split, the field holding the correct answer)
+_UTILITY_GROUPS = {
+    "retain": ("retain", "retain_perturbed", "paraphrased_answer"),
+    "ra": ("ra", "real_authors_perturbed", "answer"),
+    "wf": ("wf", "world_facts_perturbed", "answer"),
+}
+
+
+def _utility_metrics(run: _MetricRun, group: str, rows) -> dict:
+    """One of the retain, real-authors and world-facts groups."""
+    prefix, split, correct_key = _UTILITY_GROUPS[group]
+    _require_fields(rows, ("question", "answer", correct_key, "perturbed_answer"), split)
+    logs = {}
+    qa = run.avg_losses(rows, "answer", f"{prefix}_Q_A_Prob")
+    logs[f"{prefix}_Q_A_Prob"] = M.probability_metric(qa)
+    pert = run.avg_losses(rows, "perturbed_answer", f"{prefix}_Q_A_PERT_Prob")
+    logs[f"{prefix}_Q_A_PERT_Prob"] = M.probability_metric(pert)
+    if group == "retain":
+        correct = run.avg_losses(rows, correct_key, "retain_Q_A_PARA_Prob")
+        logs["retain_Q_A_PARA_Prob"] = M.probability_metric(correct)
+    else:
+        correct = qa
+        logs[f"{prefix}_Q_A_Prob_normalised"] = M.normalised_probability_metric(
+            [math.exp(-x) for x in qa], [[math.exp(-x) for x in w] for w in pert]
+        )
+    logs[f"{prefix}_Truth_Ratio"] = M.truth_ratio_metric(correct, pert, "true_better")
+    logs[f"{prefix}_Q_A_ROUGE"] = run.rouge(rows, f"{prefix}_Q_A_ROUGE")
+    return logs
+
+
+def _memorization_metrics(scorer: Scorer, rows, name: str) -> dict:
+    _require_fields(rows, ("question", "answer"), name)
+    stats = scorer.score([(r["question"], r["answer"]) for r in rows], "extraction_strength", vocab=True)
+    # like open-unlearning, the end-of-turn token is left out of the token-level scores
+    return {
+        "extraction_strength": M.score_metric(
+            [M.extraction_strength_score(s.argmax[:-1], s.labels[:-1]) for s in stats]),
+        "exact_memorization": M.score_metric(
+            [M.exact_memorization_score(s.argmax[:-1], s.labels[:-1]) for s in stats]),
+    }
+
+
+def _mia_sides(data, forget_split: str, holdout: str) -> dict:
+    sides = {}
+    for side, name in (("forget", forget_split), ("holdout", holdout)):
+        _require_fields(data[name], ("question", "answer"), name)
+        sides[side] = [(r["question"], r["answer"]) for r in data[name]]
+    return sides
+
+
+def _privleak(logs: Mapping, retain, verbose: bool) -> dict:
+    ref_auc = _retain_min_k_auc(retain) if retain is not None else None
+    if ref_auc is None:
+        _say("privleak skipped: it needs the retain model's logs (--retain-logs) with mia_min_k", verbose)
+        return {"agg_value": None}
+    return {"agg_value": M.privleak(logs["mia_min_k"]["agg_value"], ref_auc)}
+
+
 def compute_tofu_metrics(model, tokenizer, data_dir, forget_split: str = "forget10", *,
                          retain_logs=None, batch_size: int = 16, max_new_tokens: int = 200,
                          system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
@@ -212,20 +363,8 @@ def compute_tofu_metrics(model, tokenizer, data_dir, forget_split: str = "forget
                          verbose: bool = True, backend: str = "auto", numerics: str = "altpo-fast",
                          reference_model=None, shards: Shards | None = None) -> dict:
     """All requested TOFU metrics as the ``TOFU_EVAL.json`` dictionary (see ``evaluate_tofu``)."""
-    import torch
-
-    unknown = [s for s in splits if s not in METRIC_GROUPS]
-    if unknown or not splits:
-        raise ValueError(f"splits must be a non-empty subset of {METRIC_GROUPS}; got {list(splits)}")
-    check_numerics(numerics)
-    if "reference" in splits and reference_model is None:
-        raise ValueError("the reference metric group (mia_reference) needs reference_model=, a model "
-                         "to compare losses with (open-unlearning uses the retain model)")
+    _check_metric_arguments(splits, numerics, reference_model, batch_size, max_new_tokens, min_k)
     shards = shards if shards is not None else Shards.from_process_group()
-    if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
-    if not 0 < min_k <= 1:
-        raise ValueError(f"min_k must be in (0, 1], got {min_k}")
     check_chat_tokenizer(tokenizer)
     groups = [g for g in METRIC_GROUPS if g in splits]
     holdout = holdout_split or (
@@ -240,6 +379,8 @@ def compute_tofu_metrics(model, tokenizer, data_dir, forget_split: str = "forget
     fmt = ChatFormat(system_prompt or None, date_string)
     scorer = Scorer(model, tokenizer, batch_size=batch_size, fmt=fmt, progress=progress, backend=backend,
                     numerics=numerics, shards=shards)
+    run = _MetricRun(model, tokenizer, scorer, fmt, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                     progress=progress, numerics=numerics, shards=shards)
     reference_scorer = None
     if reference_model is not None and "reference" in groups:
         reference_was_training = reference_model.training
@@ -247,118 +388,28 @@ def compute_tofu_metrics(model, tokenizer, data_dir, forget_split: str = "forget
         reference_scorer = Scorer(reference_model, tokenizer, batch_size=batch_size, fmt=fmt,
                                   progress=progress, backend=backend, numerics=numerics, shards=shards)
     logs: dict[str, Any] = {}
-
-    def avg_losses(rows, key, desc, vocab=False):
-        """Per row: avg NLL of row[key] (a string or a list of strings)."""
-        flat = []
-        for r in rows:
-            answers = r[key] if isinstance(r[key], list) else [r[key]]
-            flat += [(r["question"], a) for a in answers]
-        stats = iter(scorer.score(flat, desc, vocab))
-        out = []
-        for r in rows:
-            if isinstance(r[key], list):
-                out.append([next(stats).avg_loss for _ in r[key]])
-            else:
-                out.append(next(stats).avg_loss)
-        return out
-
-    def rouge(rows, desc):
-        prompts = [encode_prompt(tokenizer, r["question"], fmt) for r in rows]
-        gens = generate_greedy(model, tokenizer, prompts, batch_size=batch_size,
-                               max_new_tokens=max_new_tokens, progress=progress, desc=desc,
-                               numerics=numerics, shards=shards)
-        inputs = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
-        truths = []
-        for r in rows:
-            labels = encode_qa(tokenizer, r["question"], r["answer"], fmt=fmt).labels
-            answer_ids = [t for t in labels if t != IGNORE_INDEX]
-            truths.append(tokenizer.decode(answer_ids, skip_special_tokens=True).strip())
-        return M.rouge_metric(gens, truths, inputs)
-
     try:
         if "forget" in groups:
             name = f"{forget_split}_perturbed"
-            rows = data[name]
-            _require_fields(rows, ("question", "answer", "paraphrased_answer", "perturbed_answer"), name)
-            logs["forget_Q_A_Prob"] = M.probability_metric(avg_losses(rows, "answer", "forget_Q_A_Prob"))
-            para = avg_losses(rows, "paraphrased_answer", "forget_Q_A_PARA_Prob")
-            pert = avg_losses(rows, "perturbed_answer", "forget_Q_A_PERT_Prob")
-            logs["forget_Q_A_PARA_Prob"] = M.probability_metric(para)
-            logs["forget_Q_A_PERT_Prob"] = M.probability_metric(pert)
-            logs["forget_truth_ratio"] = M.truth_ratio_metric(para, pert, "closer_to_1_better")
-            logs["forget_Q_A_ROUGE"] = rouge(rows, "forget_Q_A_ROUGE")
-            ref = _retain_truth_ratios(retain) if retain is not None else None
-            if ref is not None and max_rows is None:
-                from altpo.eval.retain_logs_match import check_retain_logs_match
-
-                check_retain_logs_match(retain, forget_split, len(rows))
-            if ref is None:
-                _say("forget_quality skipped: it needs the retain model's logs (--retain-logs) with "
-                     "forget_truth_ratio", verbose)
-                logs["forget_quality"] = {"agg_value": None}
-            else:
-                ours = [v["score"] for v in logs["forget_truth_ratio"]["value_by_index"].values()]
-                logs["forget_quality"] = {"agg_value": M.forget_quality(ours, ref)}
-
-        for group, prefix, split, correct_key in (
-            ("retain", "retain", "retain_perturbed", "paraphrased_answer"),
-            ("ra", "ra", "real_authors_perturbed", "answer"),
-            ("wf", "wf", "world_facts_perturbed", "answer"),
-        ):
-            if group not in groups:
-                continue
-            rows = data[split]
-            _require_fields(rows, ("question", "answer", correct_key, "perturbed_answer"), split)
-            qa = avg_losses(rows, "answer", f"{prefix}_Q_A_Prob")
-            logs[f"{prefix}_Q_A_Prob"] = M.probability_metric(qa)
-            pert = avg_losses(rows, "perturbed_answer", f"{prefix}_Q_A_PERT_Prob")
-            logs[f"{prefix}_Q_A_PERT_Prob"] = M.probability_metric(pert)
-            if group == "retain":
-                correct = avg_losses(rows, correct_key, "retain_Q_A_PARA_Prob")
-                logs["retain_Q_A_PARA_Prob"] = M.probability_metric(correct)
-            else:
-                correct = qa
-                logs[f"{prefix}_Q_A_Prob_normalised"] = M.normalised_probability_metric(
-                    [math.exp(-x) for x in qa], [[math.exp(-x) for x in w] for w in pert]
-                )
-            logs[f"{prefix}_Truth_Ratio"] = M.truth_ratio_metric(correct, pert, "true_better")
-            logs[f"{prefix}_Q_A_ROUGE"] = rouge(rows, f"{prefix}_Q_A_ROUGE")
-
+            logs.update(_forget_metrics(run, data[name], name, forget_split, retain, max_rows, verbose))
+        for group in _UTILITY_GROUPS:
+            if group in groups:
+                logs.update(_utility_metrics(run, group, data[_UTILITY_GROUPS[group][1]]))
         if all(g in groups for g in ("retain", "ra", "wf")):
             logs["model_utility"] = {
                 "agg_value": M.model_utility({k: logs[k]["agg_value"] for k in M.MODEL_UTILITY_PARTS})
             }
         else:
             _say("model_utility skipped: it needs the retain, ra and wf metric groups", verbose)
-
         if "memorization" in groups:
             name = f"{forget_split}_perturbed"
-            rows = data[name]
-            _require_fields(rows, ("question", "answer"), name)
-            stats = scorer.score([(r["question"], r["answer"]) for r in rows], "extraction_strength", vocab=True)
-            # like open-unlearning, the end-of-turn token is left out of the token-level scores
-            logs["extraction_strength"] = M.score_metric(
-                [M.extraction_strength_score(s.argmax[:-1], s.labels[:-1]) for s in stats])
-            logs["exact_memorization"] = M.score_metric(
-                [M.exact_memorization_score(s.argmax[:-1], s.labels[:-1]) for s in stats])
-
+            logs.update(_memorization_metrics(scorer, data[name], name))
         if set(MIA_GROUPS) & set(groups):
-            sides = {}
-            for side, name in (("forget", forget_split), ("holdout", holdout)):
-                _require_fields(data[name], ("question", "answer"), name)
-                sides[side] = [(r["question"], r["answer"]) for r in data[name]]
-            logs.update(mia_entries(model, tokenizer, groups, sides, scorer=scorer, fmt=fmt, backend=backend,
-                                    progress=progress, min_k=min_k, reference_scorer=reference_scorer,
-                                    numerics=numerics, shards=shards))
-
+            logs.update(mia_entries(model, tokenizer, groups, _mia_sides(data, forget_split, holdout),
+                                    scorer=scorer, fmt=fmt, backend=backend, progress=progress, min_k=min_k,
+                                    reference_scorer=reference_scorer, numerics=numerics, shards=shards))
         if "mia" in groups:
-            ref_auc = _retain_min_k_auc(retain) if retain is not None else None
-            if ref_auc is None:
-                _say("privleak skipped: it needs the retain model's logs (--retain-logs) with mia_min_k", verbose)
-                logs["privleak"] = {"agg_value": None}
-            else:
-                logs["privleak"] = {"agg_value": M.privleak(logs["mia_min_k"]["agg_value"], ref_auc)}
+            logs["privleak"] = _privleak(logs, retain, verbose)
     finally:
         if was_training:
             model.train()
