@@ -80,6 +80,11 @@ SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 Producer = Callable[..., float]
 
 
+# Rows of the chunk whose fp32 logits the torch producer (torch_chunked.produce_g) holds at once:
+# [1024, Vb] fp32 is 8 MiB at Vb = 2048, so the torch backend's workspace stays near the fused one's.
+PRODUCER_ROWS = 1024
+
+
 def default_vocab_band(n: int, h: int, v: int, dtype: torch.dtype, need_dw: bool = True,
                        token_chunk: int | None = None, device_type: str = "cuda") -> int:
     """The vocabulary band when none is given: the largest power of two in [MIN_BAND, MAX_BAND]
@@ -136,8 +141,6 @@ def workspace_bytes(n: int, h: int, v: int, dtype: torch.dtype, *, backend: str 
     if need_dw and dtype in SIXTEEN_BIT and (n > c or dtype == torch.float16):
         total += vb * h * 4
     if backend == "torch":
-        from .torch_chunked import PRODUCER_ROWS
-
         total += min(c, PRODUCER_ROWS) * vb * 4
     if device == "cpu" and dtype in SIXTEEN_BIT:
         total += 4 * (c * vb + vb * h + c * h)

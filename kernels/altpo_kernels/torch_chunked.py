@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .chunked_backward import chunked_logprobs_backward
+from .chunked_backward import PRODUCER_ROWS, chunked_logprobs_backward
 
 # Tile sizes: a [512, 8192] fp32 tile is 16 MiB, small next to the weight itself at LLM shapes,
 # and large enough that the per-tile Python overhead is negligible on a CPU.
@@ -64,11 +64,6 @@ def logits_f32(h, w):
     if h.dtype != torch.float32 and h.device.type == "cuda" and hasattr(torch.ops.aten.mm, "dtype"):
         return torch.mm(h, w.T, out_dtype=torch.float32)
     return h.float() @ w.float().T
-
-
-# Rows of the chunk whose fp32 logits the torch producer holds at once: [1024, Vb] fp32 is 8 MiB
-# at Vb = 2048, so the torch backend's workspace stays near the fused one's.
-PRODUCER_ROWS = 1024
 
 
 def produce_g(h_chunk, w_band, labels_chunk, lse_chunk, g_chunk, band_start: int, out) -> float:
