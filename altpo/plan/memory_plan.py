@@ -469,36 +469,11 @@ def plan_memory(
         find_smallest_gpus: also search the smallest number of GPUs that fits with FSDP.
     """
     shape = _as_shape(model_config)
-    if not isinstance(gpu_memory_bytes, int) or gpu_memory_bytes <= 0:
-        raise PlanError(f"gpu_memory_bytes must be a positive int, got {gpu_memory_bytes!r}")
-    # True/False: checkpoint (in whichever mode fits) or not
-    if checkpointing is True:
-        checkpointing = "on"
-    elif checkpointing is False:
-        checkpointing = "none"
-    _check_choice("checkpointing", checkpointing, CHECKPOINTING_MODES + ("auto", "on"))
-    _check_choice("master_weights", master_weights, MASTER_MODES + ("auto",))
-    _check_choice("reference", reference, REFERENCE_MODES)
-    _check_choice("optimizer_in_backward", optimizer_in_backward, (True, False, "auto"))
-    _check_choice("weight_dtype", weight_dtype, tuple(DTYPE_BYTES))
-    check_scale_options(gpus, parallel, lora_rank, lora_targets, optimizer_offload, offload_update)
+    checkpointing, optimizer_in_backward = _check_plan_options(
+        gpu_memory_bytes, checkpointing, master_weights, reference, optimizer_in_backward, weight_dtype,
+        gpus, parallel, lora_rank, lora_targets, optimizer_offload, offload_update, max_seq_len,
+        tokens_per_step, tokens_per_microbatch)
     lora_targets = tuple(lora_targets)
-    scaled = gpus > 1 or parallel == "fsdp" or optimizer_offload != "none" or lora_rank > 0
-    if scaled and optimizer_in_backward is True:
-        raise PlanError("the optimizer step in backward is single-GPU full-parameter training, "
-                        "without FSDP, LoRA or offloaded states; plan with --optimizer-in-backward off")
-    if scaled:
-        optimizer_in_backward = False
-    if int(max_seq_len) <= 0 or int(tokens_per_step) <= 0:
-        raise PlanError("max_seq_len and tokens_per_step must be positive")
-    if tokens_per_microbatch != "auto":
-        if not isinstance(tokens_per_microbatch, int) or tokens_per_microbatch <= 0:
-            raise PlanError(f"tokens_per_microbatch must be a positive int or 'auto', got {tokens_per_microbatch!r}")
-        if tokens_per_microbatch < max_seq_len:
-            raise PlanError(
-                f"tokens_per_microbatch {tokens_per_microbatch} is below the longest sequence "
-                f"({max_seq_len}); a packed micro-batch must hold one whole sequence"
-            )
 
     def again(**changes) -> MemoryPlan:
         """This plan with some options changed (no search for the GPU count)."""
@@ -521,8 +496,70 @@ def plan_memory(
                   int(cuda_context_bytes))
         for m in masters for o in in_bwd for c in ckpts
     ]
-    lo = int(max_seq_len)
-    hi = max(lo, int(tokens_per_step))
+    chosen = _choose_settings(shape, candidates, gpu_memory_bytes, tokens_per_microbatch,
+                              int(max_seq_len), int(tokens_per_step))
+    notes = []
+    if chosen is not None:
+        components, not_at_peak, details = _estimate(shape, chosen)
+        plan = MemoryPlan(shape.name, gpu_memory_bytes, components, not_at_peak, details,
+                          _settings_dict(chosen, shape), True, notes)
+    else:
+        t0 = tokens_per_microbatch if tokens_per_microbatch != "auto" else int(max_seq_len)
+        plan = _smallest_plan(shape, candidates, t0, gpu_memory_bytes, notes)
+        notes += _what_would_fit(plan, gpu_memory_bytes, again, master_weights, masters, reference,
+                                 optimizer_offload, lora_rank)
+    if find_smallest_gpus:
+        plan.details["smallest_gpus"] = smallest_gpu_count(
+            lambda n: (plan.fits if (n == gpus and parallel == "fsdp") else
+                       again(gpus=n, parallel="fsdp" if n > 1 else parallel).fits), limit=1024)
+        n = plan.details["smallest_gpus"]
+        if not plan.fits and n is not None:
+            notes.append(f"with --parallel fsdp this fits on {n} GPUs of {format_bytes(gpu_memory_bytes)}")
+    notes += _setting_notes(plan)
+    return plan
+
+
+def _check_plan_options(gpu_memory_bytes, checkpointing, master_weights, reference, optimizer_in_backward,
+                        weight_dtype, gpus, parallel, lora_rank, lora_targets, optimizer_offload,
+                        offload_update, max_seq_len, tokens_per_step, tokens_per_microbatch):
+    """Refuse bad options; returns ``checkpointing`` and ``optimizer_in_backward`` normalised."""
+    if not isinstance(gpu_memory_bytes, int) or gpu_memory_bytes <= 0:
+        raise PlanError(f"gpu_memory_bytes must be a positive int, got {gpu_memory_bytes!r}")
+    # True/False: checkpoint (in whichever mode fits) or not
+    if checkpointing is True:
+        checkpointing = "on"
+    elif checkpointing is False:
+        checkpointing = "none"
+    _check_choice("checkpointing", checkpointing, CHECKPOINTING_MODES + ("auto", "on"))
+    _check_choice("master_weights", master_weights, MASTER_MODES + ("auto",))
+    _check_choice("reference", reference, REFERENCE_MODES)
+    _check_choice("optimizer_in_backward", optimizer_in_backward, (True, False, "auto"))
+    _check_choice("weight_dtype", weight_dtype, tuple(DTYPE_BYTES))
+    check_scale_options(gpus, parallel, lora_rank, lora_targets, optimizer_offload, offload_update)
+    scaled = gpus > 1 or parallel == "fsdp" or optimizer_offload != "none" or lora_rank > 0
+    if scaled and optimizer_in_backward is True:
+        raise PlanError("the optimizer step in backward is single-GPU full-parameter training, "
+                        "without FSDP, LoRA or offloaded states; plan with --optimizer-in-backward off")
+    if scaled:
+        optimizer_in_backward = False
+    if int(max_seq_len) <= 0 or int(tokens_per_step) <= 0:
+        raise PlanError("max_seq_len and tokens_per_step must be positive")
+    if tokens_per_microbatch != "auto":
+        if not isinstance(tokens_per_microbatch, int) or tokens_per_microbatch <= 0:
+            raise PlanError(f"tokens_per_microbatch must be a positive int or 'auto', got {tokens_per_microbatch!r}")
+        if tokens_per_microbatch < max_seq_len:
+            raise PlanError(
+                f"tokens_per_microbatch {tokens_per_microbatch} is below the longest sequence "
+                f"({max_seq_len}); a packed micro-batch must hold one whole sequence"
+            )
+    return checkpointing, optimizer_in_backward
+
+
+def _choose_settings(shape, candidates, gpu_memory_bytes: int, tokens_per_microbatch, lo: int,
+                     tokens_per_step: int):
+    """The first candidate that fits a good micro-batch (or the asked one), else the one that
+    fits the largest; None when none fits at all."""
+    hi = max(lo, tokens_per_step)
     good = min(GOOD_TOKENS_PER_MICROBATCH, hi)
 
     def best_tokens(s):
@@ -531,63 +568,63 @@ def plan_memory(
             return t if _total(shape, replace(s, tokens_per_microbatch=t)) <= gpu_memory_bytes else None
         return _largest_tokens(shape, s, gpu_memory_bytes, lo, hi)
 
-    chosen = None
     fallback = None
     for s in candidates:
         t = best_tokens(s)
         if t is None:
             continue
         if t >= good or tokens_per_microbatch != "auto":
-            chosen = replace(s, tokens_per_microbatch=t)
-            break
+            return replace(s, tokens_per_microbatch=t)
         if fallback is None or t > fallback.tokens_per_microbatch:
             fallback = replace(s, tokens_per_microbatch=t)
-    chosen = chosen or fallback
+    return fallback
 
+
+def _smallest_plan(shape, candidates, tokens: int, gpu_memory_bytes: int, notes: list) -> MemoryPlan:
+    """Nothing fits: the smallest configuration, and the budget it would need."""
+    sized = [replace(s, tokens_per_microbatch=tokens) for s in candidates]
+    smallest = min(sized, key=lambda s: _total(shape, s))
+    components, not_at_peak, details = _estimate(shape, smallest)
+    plan = MemoryPlan(shape.name, gpu_memory_bytes, components, not_at_peak, details,
+                      _settings_dict(smallest, shape), False, notes)
+    plan.smallest_budget_bytes = plan.total_bytes
+    plan.smallest_budget_settings = {
+        k: plan.settings[k] for k in ("tokens_per_microbatch", "checkpointing", "master_weights",
+                                      "optimizer_in_backward", "reference")
+    }
+    return plan
+
+
+def _what_would_fit(plan: MemoryPlan, gpu_memory_bytes: int, again, master_weights, masters, reference,
+                    optimizer_offload, lora_rank) -> list[str]:
+    """Notes for a plan that does not fit: what takes the memory, and which change would fit."""
     notes = []
-    if chosen is not None:
-        components, not_at_peak, details = _estimate(shape, chosen)
-        plan = MemoryPlan(shape.name, gpu_memory_bytes, components, not_at_peak, details,
-                          _settings_dict(chosen, shape), True, notes)
-    else:
-        # nothing fits: show the smallest configuration, and the budget it would need
-        t0 = tokens_per_microbatch if tokens_per_microbatch != "auto" else lo
-        sized = [replace(s, tokens_per_microbatch=t0) for s in candidates]
-        smallest = min(sized, key=lambda s: _total(shape, s))
-        components, not_at_peak, details = _estimate(shape, smallest)
-        plan = MemoryPlan(shape.name, gpu_memory_bytes, components, not_at_peak, details,
-                          _settings_dict(smallest, shape), False, notes)
-        plan.smallest_budget_bytes = plan.total_bytes
-        plan.smallest_budget_settings = {
-            k: plan.settings[k] for k in ("tokens_per_microbatch", "checkpointing", "master_weights",
-                                          "optimizer_in_backward", "reference")
-        }
-        static = components["weights"] + components["master_weights"] + components["optimizer_states"]
-        if static > gpu_memory_bytes:
-            notes.append(
-                f"the weights, master weights and fp32 optimizer states alone take "
-                f"{format_bytes(static)}, more than the {format_bytes(gpu_memory_bytes)} budget: "
-                "full-parameter training of this model cannot fit on this device"
-            )
-        if master_weights == "fp32" and "kahan" not in masters:
-            alt = again(master_weights="kahan")
-            if alt.fits:
-                notes.append("master_weights=kahan (bf16 weights with a bf16 compensation buffer: "
-                             "exact updates at 2 fewer bytes per parameter) fits this budget")
-        if reference == "resident":
-            notes.append("reference=cached frees the reference weights during training")
-        if optimizer_offload == "none" and again(optimizer_offload="cpu").fits:
-            notes.append("--optimizer-offload cpu (master weights and moments in host memory) fits "
-                         "this budget")
-        if not lora_rank and again(lora_rank=16).fits:
-            notes.append("--lora-rank 16 (LoRA adapters instead of every weight) fits this budget")
-    if find_smallest_gpus:
-        plan.details["smallest_gpus"] = smallest_gpu_count(
-            lambda n: (plan.fits if (n == gpus and parallel == "fsdp") else
-                       again(gpus=n, parallel="fsdp" if n > 1 else parallel).fits), limit=1024)
-        n = plan.details["smallest_gpus"]
-        if not plan.fits and n is not None:
-            notes.append(f"with --parallel fsdp this fits on {n} GPUs of {format_bytes(gpu_memory_bytes)}")
+    components = plan.components
+    static = components["weights"] + components["master_weights"] + components["optimizer_states"]
+    if static > gpu_memory_bytes:
+        notes.append(
+            f"the weights, master weights and fp32 optimizer states alone take "
+            f"{format_bytes(static)}, more than the {format_bytes(gpu_memory_bytes)} budget: "
+            "full-parameter training of this model cannot fit on this device"
+        )
+    if master_weights == "fp32" and "kahan" not in masters:
+        alt = again(master_weights="kahan")
+        if alt.fits:
+            notes.append("master_weights=kahan (bf16 weights with a bf16 compensation buffer: "
+                         "exact updates at 2 fewer bytes per parameter) fits this budget")
+    if reference == "resident":
+        notes.append("reference=cached frees the reference weights during training")
+    if optimizer_offload == "none" and again(optimizer_offload="cpu").fits:
+        notes.append("--optimizer-offload cpu (master weights and moments in host memory) fits "
+                     "this budget")
+    if not lora_rank and again(lora_rank=16).fits:
+        notes.append("--lora-rank 16 (LoRA adapters instead of every weight) fits this budget")
+    return notes
+
+
+def _setting_notes(plan: MemoryPlan) -> list[str]:
+    """What the chosen optimizer-in-backward, offload and kahan settings mean."""
+    notes = []
     s = plan.settings
     if s["optimizer_in_backward"]:
         notes.append(
@@ -606,7 +643,7 @@ def plan_memory(
     if s["master_weights"] == "kahan":
         notes.append("kahan: bf16 weights plus a bf16 compensation buffer (Kahan summation) give "
                      "exact small updates without fp32 master weights")
-    return plan
+    return notes
 
 
 def detect_gpu_memory() -> tuple[int, str] | None:
