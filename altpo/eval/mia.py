@@ -18,10 +18,15 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import torch
+from altpo_kernels import linear_logprobs
+from altpo_kernels.hf import lm_head
+
 from altpo.data.tofu import IGNORE_INDEX, ChatFormat, encode_qa
 from altpo.eval import metrics as M
-from altpo.eval.scoring import Scorer, attention_mask, backbone_and_head, model_device, pad_token_id
+from altpo.eval.scoring import Scorer, attention_mask, model_device, pad_token_id
 from altpo.eval.sharding import Shards
+from altpo.progress import progress_bar
 
 MIA_GROUPS = ("mia", "gradnorm", "reference")
 
@@ -35,13 +40,7 @@ def gradnorm_scores(model, tokenizer, pairs, *, fmt: ChatFormat, backend: str = 
     Positive, as open-unlearning's attack returns them: a row the model has not seen needs a
     larger update, so a larger norm means "less likely a member".
     """
-    import torch
-
-    from altpo_kernels import linear_logprobs
-
-    from altpo.progress import progress_bar
-
-    backbone, weight = backbone_and_head(model)
+    head = lm_head(model)
     device = model_device(model)
     pad = pad_token_id(tokenizer)
     params = list(model.parameters())
@@ -58,9 +57,9 @@ def gradnorm_scores(model, tokenizer, pairs, *, fmt: ChatFormat, backend: str = 
             target = torch.tensor(e.labels[1:], device=device)
             valid = target != IGNORE_INDEX
             with torch.enable_grad():
-                hidden = backbone(input_ids=ids_t.to(device), attention_mask=mask,
-                                  use_cache=False).last_hidden_state[0, :-1]
-                logp = linear_logprobs(hidden[valid], weight, target[valid], backend=backend)[:-1]
+                out = head.backbone(input_ids=ids_t.to(device), attention_mask=mask, use_cache=False)
+                hidden = head.scale_hidden(out.last_hidden_state[0, :-1])
+                logp = linear_logprobs(hidden[valid], head.weight, target[valid], backend=backend)[:-1]
                 if logp.numel() == 0:
                     scores[i] = 0.0
                     continue

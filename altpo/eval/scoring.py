@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
+from altpo_kernels import linear_logprobs
+from altpo_kernels.hf import lm_head
 
 from altpo.data.tofu import (
     IGNORE_INDEX,
@@ -30,6 +33,7 @@ from altpo.data.tofu import (
     encode_qa_batch,
 )
 from altpo.eval.sharding import Shards
+from altpo.progress import progress_bar
 
 EVAL_NUMERICS = ("altpo-fast", "open-unlearning")
 
@@ -66,22 +70,6 @@ def encode_prompt(tokenizer, user_message: str, fmt: ChatFormat = ChatFormat()) 
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def backbone_and_head(model):
-    cfg = getattr(model, "config", None)
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", 1.0) not in (1, 1.0, None):
-        raise ValueError(
-            "this model rescales or soft-caps its logits after lm_head; the fused log-prob path "
-            "assumes plain logits = hidden @ lm_head.weight.T"
-        )
-    backbone = getattr(model, "model", None)
-    if backbone is None:
-        backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    head = model.get_output_embeddings()
-    if head is None or getattr(head, "bias", None) is not None:
-        raise ValueError("the model needs a bias-free lm_head (a causal LM such as LlamaForCausalLM)")
-    return backbone, head.weight
-
-
 def model_device(model):
     return next(model.parameters()).device
 
@@ -105,8 +93,6 @@ def _vocab_statistics(hidden, weight, chunk: int = 256):
     Extraction strength, exact memorisation and min-k%++ need the whole next-token distribution,
     which the fused log-prob kernel deliberately never forms; ``chunk`` rows bound the memory.
     """
-    import torch
-
     am, mu, var = [], [], []
     for s in range(0, hidden.shape[0], chunk):
         logits = (hidden[s:s + chunk] @ weight.T).float()
@@ -132,15 +118,9 @@ class Scorer:
         self.batch_size, self.progress, self.backend = batch_size, progress, backend
         self.numerics, self.shards = numerics, shards
         self.cache: dict[tuple[str, str], SequenceStats] = {}
-        self.backbone, self.weight = backbone_and_head(model)
+        self.head = lm_head(model)
 
     def score(self, pairs: Sequence[tuple[str, str]], desc: str, vocab: bool = False) -> list[SequenceStats]:
-        import torch
-
-        from altpo_kernels import linear_logprobs
-
-        from altpo.progress import progress_bar
-
         todo = sorted(
             {p for p in pairs if p not in self.cache or (vocab and self.cache[p].argmax is None)}
         )
@@ -166,17 +146,18 @@ class Scorer:
             mask = attention_mask(ids, mask, pad, self.numerics)
             ids, lab, mask = ids.to(device), lab.to(device), mask.to(device)
             with torch.no_grad():
-                hidden = self.backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                out = self.head.backbone(input_ids=ids, attention_mask=mask, use_cache=False)
+                hidden = self.head.scale_hidden(out.last_hidden_state)
                 # hidden[t] predicts token t+1
                 target = lab[:, 1:]
                 valid = target != IGNORE_INDEX
                 rows = hidden[:, :-1][valid]
                 labels = target[valid]
-                logp = linear_logprobs(rows, self.weight, labels, backend=self.backend)
+                logp = linear_logprobs(rows, self.head.weight, labels, backend=self.backend)
                 counts = valid.sum(1).tolist()
                 logp = logp.double().cpu().numpy()
                 labels_np = labels.cpu().numpy()
-                stats = _vocab_statistics(rows, self.weight) if vocab else None
+                stats = _vocab_statistics(rows, self.head.weight) if vocab else None
             start = 0
             for r, p in enumerate(batch):
                 sl = slice(start, start + counts[r])
@@ -215,10 +196,6 @@ def generate_greedy(model, tokenizer, prompts: Sequence[list[int]], *, batch_siz
     splits the batches over processes (every rank returns all texts).
     """
     check_numerics(numerics)
-    import torch
-
-    from altpo.progress import progress_bar
-
     device = model_device(model)
     pad = pad_token_id(tokenizer)
     cfg = copy.deepcopy(model.generation_config)

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from altpo_kernels import linear_logprobs, unlearning_loss
+# backbone and output_weight are re-exported: the trainer finds the head where every caller does
+from altpo_kernels.hf import backbone, lm_head, output_weight  # noqa: F401
 from altpo_kernels.methods import get_method
 from altpo_kernels.unlearning_loss import UnlearningLossOutput
 
@@ -36,21 +38,13 @@ from altpo.data.packing import (
 )
 
 
-def backbone(model) -> nn.Module:
-    """The decoder stack of a causal LM (``model.model`` for Llama): input ids to hidden states."""
-    return getattr(model, model.base_model_prefix)
-
-
-def output_weight(model) -> torch.Tensor:
-    """The lm_head weight [vocab, hidden] (tied or not)."""
-    return model.get_output_embeddings().weight
-
-
 def last_hidden_states(model, mb: MicroBatch) -> torch.Tensor:
-    """[T, H] last hidden states of a packed micro-batch (packed attention must be enabled)."""
+    """[T, H] last hidden states of a packed micro-batch (packed attention must be enabled),
+    ready for :func:`output_weight`: times the model's logit scale, if its config has one."""
+    head = lm_head(model)
     kwargs = packed_attention_kwargs(mb.seq_lens, mb.input_ids.device)
-    out = backbone(model)(input_ids=mb.input_ids[None], position_ids=mb.position_ids[None], **kwargs)
-    return out.last_hidden_state[0]
+    out = head.backbone(input_ids=mb.input_ids[None], position_ids=mb.position_ids[None], **kwargs)
+    return head.scale_hidden(out.last_hidden_state[0])
 
 
 class PackedLoss(nn.Module):

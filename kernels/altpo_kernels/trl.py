@@ -31,6 +31,7 @@ from contextlib import nullcontext
 
 import torch
 
+from .hf import logit_scale as _logit_scale  # the scale every caller reads, as TRL reads it
 from .linear_logprobs import linear_logprobs
 
 try:
@@ -48,19 +49,6 @@ __all__ = ["add_fused_lm_head", "DPOTrainer", "OPTIONAL_OUTPUTS"]
 OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 # Elements of one [tokens, vocab] fp32 tile in the metrics pass (64 MiB).
 _METRICS_TILE_ELEMENTS = 1 << 24
-
-
-def _logit_scale(text_config) -> float:
-    """The multiplier a config puts on the logits before soft-capping, read as TRL reads it."""
-    scale = getattr(text_config, "logit_scale", None)
-    if scale is None:
-        scale = getattr(text_config, "output_multiplier", None)
-    if scale is None:
-        scale = getattr(text_config, "lm_head_multiplier", None)
-    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
-        divisor = text_config.logits_scaling
-        scale = divisor if getattr(text_config, "model_type", None) == "hyperclovax" else 1.0 / divisor
-    return 1.0 if scale is None else float(scale)
 
 
 def _unsupported(model, text_config) -> str | None:
