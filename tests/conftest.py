@@ -12,13 +12,20 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from paths import REPO_ROOT, TOFU_FIXTURE  # noqa: E402,F401  (tests/ is on sys.path: conftest lives there)
+from helpers import REPO_ROOT, TOFU_FIXTURE, build_model_folder  # noqa: E402,F401  (tests/ is on sys.path)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tofu_dir():
     """The TOFU fixture in the repository (fixtures/tofu): never absent, so no test skips for data."""
     return TOFU_FIXTURE
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The trainer tests' tiny Llama (helpers.build_model_folder), built once per test module; a
+    module that needs another model defines its own ``model_dir``."""
+    return build_model_folder(TOFU_FIXTURE, tmp_path_factory.mktemp("tiny_tofu_model"))
 
 
 def kernel_device() -> str:

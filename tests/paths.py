@@ -1,6 +1,4 @@
-"""Where the tests find the repository and its TOFU fixture, from any test folder."""
+"""Where the tests find the repository and its TOFU fixture (kept for ``from paths import``;
+the definitions live in helpers.py)."""
 
-from pathlib import Path
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TOFU_FIXTURE = REPO_ROOT / "fixtures" / "tofu"   # a small part of TOFU (fixtures/tofu/SOURCES.md)
+from helpers import REPO_ROOT, TOFU_FIXTURE  # noqa: F401

@@ -15,8 +15,7 @@ import os
 import subprocess
 import sys
 
-from paths import REPO_ROOT, TOFU_FIXTURE
-from train_fixtures import base_settings, build_model_folder
+from helpers import REPO_ROOT, TOFU_FIXTURE, base_settings, build_model_folder, cli_flags, torchrun
 
 
 def _from_root(code: str) -> subprocess.CompletedProcess:
@@ -66,15 +65,8 @@ def test_no_top_level_folder_is_a_package_of_an_installed_distribution():
 def test_torchrun_from_the_repo_root_trains_two_steps(tmp_path):
     model = build_model_folder(TOFU_FIXTURE, tmp_path / "model")
     settings = base_settings(TOFU_FIXTURE, model, tmp_path / "run", max_steps=2)
-    args = []
-    for key, value in settings.items():
-        flag = "--" + key.replace("_", "-")
-        args += [flag] if value is True else [flag, str(value)]
-    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-           "-m", "altpo.cli", "train", *args]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # no PYTHONPATH: the repository root itself must be enough
+    torchrun("-m", "altpo.cli", "train", *cli_flags(settings), nproc=1, timeout=600, pythonpath=False)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert all(r["loss"] > 0 for r in records)

@@ -22,11 +22,6 @@ from paths import TOFU_FIXTURE
 RETAIN90_LOGS = "eval_logs/tofu_Llama-3.2-1B-Instruct_retain90"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_model_folder(TOFU_FIXTURE, tmp_path_factory.mktemp("tiny_newcomer_model"))
-
-
 @pytest.fixture
 def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):

@@ -18,11 +18,6 @@ from train_fixtures import ALTERNATES, base_settings, build_model_folder
 from paths import TOFU_FIXTURE
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_model_folder(TOFU_FIXTURE, tmp_path_factory.mktemp("tiny_cmd_model"))
-
-
 def _argv(settings: dict) -> list[str]:
     argv = ["train"]
     for key, value in settings.items():

@@ -26,7 +26,7 @@ from altpo.demo.run import (
 )
 from altpo.eval.tofu import answer_probabilities
 from altpo.model.tiny_finetune import _length_bucketed_batches, encode_rows
-from paths import REPO_ROOT
+from helpers import REPO_ROOT
 
 FORGETTING_KEYS = {"forget_Q_A_Prob_before", "forget_Q_A_Prob_after", "forget_ratio",
                    "retain_Q_A_Prob_before", "retain_Q_A_Prob_after", "retain_relative_change",

@@ -17,21 +17,14 @@ import torch
 import altpo.eval.output as output_module
 from altpo.cli import main as cli_main
 from altpo.eval.output import EVAL_LOCK, PROVENANCE_NAME
-from altpo.model.tiny_llama import build_tiny_llama, build_tiny_tokenizer, save_tiny_model
-from altpo.eval.tofu import load_tofu_rows
 from altpo.train.output_lock import LOCK_NAME, acquire, release
-from paths import REPO_ROOT, TOFU_FIXTURE
+from helpers import REPO_ROOT, TOFU_FIXTURE, save_tiny_tofu_model, tiny_tofu_tokenizer
 
 
 def _model(folder: Path, seed: int) -> Path:
-    texts = []
-    for split in ("forget10_perturbed", "holdout10"):
-        for row in load_tofu_rows(TOFU_FIXTURE, split, 2):
-            texts += [v for v in row.values() if isinstance(v, str)]
-    tok = build_tiny_tokenizer(texts, vocab_size=300)
-    save_tiny_model(build_tiny_llama(tok, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
-                                     intermediate_size=32, seed=seed), tok, folder)
-    return folder
+    tok = tiny_tofu_tokenizer(("forget10_perturbed", "holdout10"), 2, vocab_size=300)
+    return save_tiny_tofu_model(tok, folder, seed, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                                intermediate_size=32)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 evaluation sharded over torchrun processes equal to one process."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -14,8 +13,7 @@ import torch
 from altpo.eval import open_unlearning_prompt as OU
 from altpo.eval.alternates import generate_alternates
 from altpo.eval.tofu import evaluate_tofu, load_tofu_rows
-from altpo.model.tiny_llama import build_tiny_llama, build_tiny_tokenizer, save_tiny_model
-from paths import REPO_ROOT, TOFU_FIXTURE
+from helpers import REPO_ROOT, launch_env, save_tiny_tofu_model, tiny_tofu_tokenizer, torchrun
 
 ROWS = 3
 SYSTEM, DATE = "You are a helpful assistant.", "10 Apr 2025"
@@ -23,25 +21,10 @@ FULL_LOG = "eval_logs/tofu_Llama-3.2-1B-Instruct_full/evals_forget10/TOFU_EVAL.j
 
 
 @pytest.fixture(scope="module")
-def tofu():
-    return TOFU_FIXTURE
-
-
-@pytest.fixture(scope="module")
-def models(tofu, tmp_path_factory):
-    texts = [OU.TEMPLATE]
-    for split in ("forget10_perturbed", "holdout10"):
-        for row in load_tofu_rows(tofu, split, ROWS):
-            texts += [v for v in row.values() if isinstance(v, str)]
-    tok = build_tiny_tokenizer(texts, vocab_size=400)
-    paths = []
-    for seed in (11, 12):  # the model, and a second one as the mia_reference reference
-        model = build_tiny_llama(tok, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                 intermediate_size=64, seed=seed)
-        path = tmp_path_factory.mktemp(f"tiny{seed}")
-        save_tiny_model(model, tok, path)
-        paths.append(path)
-    return paths
+def models(tmp_path_factory):
+    tok = tiny_tofu_tokenizer(("forget10_perturbed", "holdout10"), ROWS, extra_texts=[OU.TEMPLATE])
+    # the model, and a second one as the mia_reference reference
+    return [save_tiny_tofu_model(tok, tmp_path_factory.mktemp(f"tiny{seed}"), seed) for seed in (11, 12)]
 
 
 def _load(path, pad_is_eos=False):
@@ -68,13 +51,13 @@ def _answer_avg_nll(model, tok, question, answer, mask_eos):
     return float(-lp.mean())
 
 
-def test_open_unlearning_numerics_masks_every_pad_equal_token(tofu, models, tmp_path):
+def test_open_unlearning_numerics_masks_every_pad_equal_token(tofu_dir, models, tmp_path):
     model, tok = _load(models[0], pad_is_eos=True)
-    rows = load_tofu_rows(tofu, "forget10_perturbed", ROWS)
+    rows = load_tofu_rows(tofu_dir, "forget10_perturbed", ROWS)
     logs = {}
     for numerics in ("altpo-fast", "open-unlearning"):
         out = tmp_path / numerics
-        evaluate_tofu(model, tok, tofu, "forget10", output_dir=out, splits=("forget",), max_rows=ROWS,
+        evaluate_tofu(model, tok, tofu_dir, "forget10", output_dir=out, splits=("forget",), max_rows=ROWS,
                       batch_size=2, max_new_tokens=5, progress=False, verbose=False, numerics=numerics)
         logs[numerics] = json.loads((out / "TOFU_EVAL.json").read_text())
     for i, row in enumerate(rows):
@@ -103,26 +86,26 @@ def test_open_unlearning_numerics_masks_every_pad_equal_token(tofu, models, tmp_
     assert got == [want]
 
 
-def test_mia_reference_is_target_minus_reference_loss(tofu, models, tmp_path):
+def test_mia_reference_is_target_minus_reference_loss(tofu_dir, models, tmp_path):
     model, tok = _load(models[0])
     reference, _ = _load(models[1])
-    evaluate_tofu(model, tok, tofu, "forget10", output_dir=tmp_path, splits=("reference",), max_rows=ROWS,
+    evaluate_tofu(model, tok, tofu_dir, "forget10", output_dir=tmp_path, splits=("reference",), max_rows=ROWS,
                   progress=False, verbose=False, reference_model=reference)
     logs = json.loads((tmp_path / "TOFU_EVAL.json").read_text())
-    published = json.loads((tofu / FULL_LOG).read_text())["mia_reference"]
+    published = json.loads((tofu_dir / FULL_LOG).read_text())["mia_reference"]
     entry = logs["mia_reference"]
     assert set(entry) == set(published)
     for side, split in (("forget", "forget10"), ("holdout", "holdout10")):
         assert set(entry[side]) == set(published[side])
         assert set(entry[side]["value_by_index"]["0"]) == set(published[side]["value_by_index"]["0"])
-        for i, row in enumerate(load_tofu_rows(tofu, split, ROWS)):
+        for i, row in enumerate(load_tofu_rows(tofu_dir, split, ROWS)):
             target = _answer_avg_nll(model, tok, row["question"], row["answer"], False)
             ref = _answer_avg_nll(reference, tok, row["question"], row["answer"], False)
             # a difference of two fp32 losses: its error is that of the losses, not of the difference
             got = entry[side]["value_by_index"][str(i)]["score"]
             assert got == pytest.approx(target - ref, abs=1e-6 * (abs(target) + abs(ref)))
     with pytest.raises(ValueError, match="reference_model"):
-        evaluate_tofu(model, tok, tofu, "forget10", splits=("reference",), max_rows=1, progress=False)
+        evaluate_tofu(model, tok, tofu_dir, "forget10", splits=("reference",), max_rows=1, progress=False)
 
 
 def test_open_unlearning_alternate_prompt(models, tmp_path):
@@ -151,19 +134,14 @@ def test_open_unlearning_alternate_prompt(models, tmp_path):
     assert settings["prompt_style"] == "open-unlearning" and settings["prompt"] == OU.TEMPLATE
 
 
-def test_sharded_eval_under_torchrun_equals_one_process(tofu, models, tmp_path):
-    args = ["eval", "--model", str(models[0]), "--reference-model", str(models[1]), "--data", str(tofu),
+def test_sharded_eval_under_torchrun_equals_one_process(tofu_dir, models, tmp_path):
+    args = ["eval", "--model", str(models[0]), "--reference-model", str(models[1]), "--data", str(tofu_dir),
             "--metrics", "forget,mia,gradnorm,memorization,reference", "--max-rows", str(ROWS),
             "--batch-size", "2", "--max-new-tokens", "4", "--device", "cpu", "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    env.pop("WORLD_SIZE", None)
     one = subprocess.run([sys.executable, "-m", "altpo.cli", *args, "--output", str(tmp_path / "one")],
-                         env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+                         env=launch_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "altpo.cli", *args, "--output", str(tmp_path / "two")],
-                         env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
+    torchrun("-m", "altpo.cli", *args, "--output", str(tmp_path / "two"))
     a = json.loads((tmp_path / "one" / "TOFU_EVAL.json").read_text())
     b = json.loads((tmp_path / "two" / "TOFU_EVAL.json").read_text())
     assert set(a) >= {"forget_Q_A_Prob", "mia_min_k", "mia_gradnorm", "mia_reference", "extraction_strength"}

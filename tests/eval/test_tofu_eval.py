@@ -10,9 +10,8 @@ import scipy.stats
 import torch
 
 from altpo.cli import main as cli_main
-from altpo.model.tiny_llama import build_tiny_llama, build_tiny_tokenizer, save_tiny_model
 from altpo.eval.tofu import evaluate_tofu, load_tofu_rows
-from paths import TOFU_FIXTURE
+from helpers import save_tiny_tofu_model, tiny_tofu_tokenizer
 ROWS = 4
 NEW_TOKENS = 6
 RETAIN90 = "eval_logs/tofu_Llama-3.2-1B-Instruct_retain90"
@@ -23,23 +22,10 @@ SYSTEM, DATE = "You are a helpful assistant.", "10 Apr 2025"
 
 
 @pytest.fixture(scope="module")
-def tofu():
-    return TOFU_FIXTURE
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tofu, tmp_path_factory):
-    texts = []
-    for split in ("forget10_perturbed", "retain_perturbed", "real_authors_perturbed",
-                  "world_facts_perturbed", "holdout10"):
-        for row in load_tofu_rows(tofu, split, ROWS):
-            texts += [v for v in row.values() if isinstance(v, str)]
-    tok = build_tiny_tokenizer(texts, vocab_size=400)
-    model = build_tiny_llama(tok, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                             intermediate_size=64, seed=11)
-    path = tmp_path_factory.mktemp("tiny_llama")
-    save_tiny_model(model, tok, path)
-    return path
+def tiny_model_dir(tmp_path_factory):
+    tok = tiny_tofu_tokenizer(("forget10_perturbed", "retain_perturbed", "real_authors_perturbed",
+                               "world_facts_perturbed", "holdout10"), ROWS)
+    return save_tiny_tofu_model(tok, tmp_path_factory.mktemp("tiny_llama"), 11)
 
 
 def _load(path):
@@ -50,10 +36,10 @@ def _load(path):
 
 
 @pytest.fixture(scope="module")
-def evaluated(tofu, tiny_model_dir, tmp_path_factory):
+def evaluated(tofu_dir, tiny_model_dir, tmp_path_factory):
     model, tok = _load(tiny_model_dir)
     out = tmp_path_factory.mktemp("eval_out")
-    summary = evaluate_tofu(model, tok, tofu, "forget10", retain_logs=tofu / RETAIN90, output_dir=out,
+    summary = evaluate_tofu(model, tok, tofu_dir, "forget10", retain_logs=tofu_dir / RETAIN90, output_dir=out,
                             batch_size=8, max_new_tokens=NEW_TOKENS, max_rows=ROWS, progress=False)
     logs = json.loads((out / "TOFU_EVAL.json").read_text())
     return model, tok, summary, logs, out
@@ -76,9 +62,9 @@ def _independent_answer_logprobs(model, tok, question, answer):
     return rows.gather(1, target[:, None])[:, 0].numpy(), rows.argmax(-1).numpy(), target.numpy(), rows
 
 
-def test_writes_every_key_of_the_published_log(evaluated, tofu):
+def test_writes_every_key_of_the_published_log(evaluated, tofu_dir):
     _, _, summary, logs, out = evaluated
-    published = json.loads((tofu / RETAIN90 / "TOFU_EVAL.json").read_text())
+    published = json.loads((tofu_dir / RETAIN90 / "TOFU_EVAL.json").read_text())
     assert sorted(logs) == sorted(published)
     for name, entry in published.items():
         assert set(logs[name]) == set(entry), name
@@ -96,9 +82,9 @@ def test_writes_every_key_of_the_published_log(evaluated, tofu):
     assert set(summary) >= {"forget_quality", "model_utility", "privleak", "extraction_strength"}
 
 
-def test_probabilities_match_full_logit_float64_reference(evaluated, tofu):
+def test_probabilities_match_full_logit_float64_reference(evaluated, tofu_dir):
     model, tok, _, logs, _ = evaluated
-    forget = load_tofu_rows(tofu, "forget10_perturbed", ROWS)
+    forget = load_tofu_rows(tofu_dir, "forget10_perturbed", ROWS)
     for i, row in enumerate(forget):
         lp, _, _, _ = _independent_answer_logprobs(model, tok, row["question"], row["answer"])
         rec = logs["forget_Q_A_Prob"]["value_by_index"][str(i)]
@@ -108,7 +94,7 @@ def test_probabilities_match_full_logit_float64_reference(evaluated, tofu):
                 for a in row["perturbed_answer"]]
         np.testing.assert_allclose(logs["forget_Q_A_PERT_Prob"]["value_by_index"][str(i)]["avg_loss"], pert,
                                    rtol=1e-5)
-    ra = load_tofu_rows(tofu, "real_authors_perturbed", ROWS)[1]
+    ra = load_tofu_rows(tofu_dir, "real_authors_perturbed", ROWS)[1]
     lp_c = _independent_answer_logprobs(model, tok, ra["question"], ra["answer"])[0].mean()
     lp_w = [_independent_answer_logprobs(model, tok, ra["question"], a)[0].mean() for a in ra["perturbed_answer"]]
     norm = np.exp(lp_c) / (np.exp(lp_c) + np.sum(np.exp(lp_w)))
@@ -117,10 +103,10 @@ def test_probabilities_match_full_logit_float64_reference(evaluated, tofu):
     assert logs["ra_Truth_Ratio"]["value_by_index"]["1"]["score"] == pytest.approx(tr, rel=1e-4)
 
 
-def test_token_level_metrics_match_full_logit_reference(evaluated, tofu):
+def test_token_level_metrics_match_full_logit_reference(evaluated, tofu_dir):
     model, tok, _, logs, _ = evaluated
-    forget = load_tofu_rows(tofu, "forget10", ROWS)
-    holdout = load_tofu_rows(tofu, "holdout10", ROWS)
+    forget = load_tofu_rows(tofu_dir, "forget10", ROWS)
+    holdout = load_tofu_rows(tofu_dir, "holdout10", ROWS)
     scores = {}
     for side, rows in (("forget", forget), ("holdout", holdout)):
         scores[side] = []
@@ -144,14 +130,14 @@ def test_token_level_metrics_match_full_logit_reference(evaluated, tofu):
                 assert em == pytest.approx(np.mean(am == target))
     auc = scipy.stats.mannwhitneyu(scores["holdout"], scores["forget"]).statistic / ROWS ** 2
     assert logs["mia_min_k"]["auc"] == pytest.approx(auc)
-    retain_auc = json.loads((tofu / RETAIN90 / "TOFU_EVAL.json").read_text())["mia_min_k"]["agg_value"]
+    retain_auc = json.loads((tofu_dir / RETAIN90 / "TOFU_EVAL.json").read_text())["mia_min_k"]["agg_value"]
     assert logs["privleak"]["agg_value"] == pytest.approx(((1 - auc) - (1 - retain_auc)) / (1 - retain_auc) * 100,
                                                           rel=1e-6)
 
 
-def test_gradnorm_matches_autograd_of_the_hf_loss(evaluated, tofu):
+def test_gradnorm_matches_autograd_of_the_hf_loss(evaluated, tofu_dir):
     model, tok, _, logs, _ = evaluated
-    row = load_tofu_rows(tofu, "holdout10", ROWS)[2]
+    row = load_tofu_rows(tofu_dir, "holdout10", ROWS)[2]
     msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": row["question"]}]
     prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, date_string=DATE)
     full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": row["answer"]}], tokenize=False,
@@ -168,11 +154,11 @@ def test_gradnorm_matches_autograd_of_the_hf_loss(evaluated, tofu):
     assert logs["mia_gradnorm"]["holdout"]["value_by_index"]["2"]["score"] == pytest.approx(expected, rel=1e-4)
 
 
-def test_rouge_and_forget_quality(evaluated, tofu):
+def test_rouge_and_forget_quality(evaluated, tofu_dir):
     from rouge_score import rouge_scorer
 
     _, _, summary, logs, _ = evaluated
-    forget = load_tofu_rows(tofu, "forget10_perturbed", ROWS)
+    forget = load_tofu_rows(tofu_dir, "forget10_perturbed", ROWS)
     scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
     for i, row in enumerate(forget):
         rec = logs["forget_Q_A_ROUGE"]["value_by_index"][str(i)]
@@ -180,7 +166,7 @@ def test_rouge_and_forget_quality(evaluated, tofu):
         assert rec["input"].endswith(row["question"] + "assistant\n\n")
         assert rec["rougeL_recall"] == pytest.approx(scorer.score(row["answer"], rec["generation"])["rougeL"].recall)
     ours = [v["score"] for v in logs["forget_truth_ratio"]["value_by_index"].values()]
-    published = json.loads((tofu / RETAIN90 / "TOFU_EVAL.json").read_text())
+    published = json.loads((tofu_dir / RETAIN90 / "TOFU_EVAL.json").read_text())
     theirs = [v["score"] for v in published["forget_truth_ratio"]["value_by_index"].values()]
     assert summary["forget_quality"] == pytest.approx(scipy.stats.ks_2samp(ours, theirs).pvalue, rel=1e-9)
     parts = [summary[k] for k in ("retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio",
@@ -190,9 +176,9 @@ def test_rouge_and_forget_quality(evaluated, tofu):
     assert summary["model_utility"] == pytest.approx(expected_mu, rel=1e-12)
 
 
-def test_without_retain_logs_skips_forget_quality_and_privleak(tofu, tiny_model_dir, tmp_path, capsys):
+def test_without_retain_logs_skips_forget_quality_and_privleak(tofu_dir, tiny_model_dir, tmp_path, capsys):
     model, tok = _load(tiny_model_dir)
-    summary = evaluate_tofu(model, tok, tofu, "forget10", output_dir=tmp_path, splits=("forget", "mia"),
+    summary = evaluate_tofu(model, tok, tofu_dir, "forget10", output_dir=tmp_path, splits=("forget", "mia"),
                             max_rows=2, max_new_tokens=2, progress=False)
     logs = json.loads((tmp_path / "TOFU_EVAL.json").read_text())
     assert logs["forget_quality"] == {"agg_value": None} and logs["privleak"] == {"agg_value": None}
@@ -203,10 +189,10 @@ def test_without_retain_logs_skips_forget_quality_and_privleak(tofu, tiny_model_
     assert "forget_quality skipped" in text and "privleak skipped" in text
 
 
-def test_cli_eval_writes_files_and_reports_missing_inputs(tofu, tiny_model_dir, tmp_path, capsys):
+def test_cli_eval_writes_files_and_reports_missing_inputs(tofu_dir, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "evals"
-    rc = cli_main(["eval", "--model", str(tiny_model_dir), "--data", str(tofu), "--forget-split", "forget10",
-                   "--retain-logs", str(tofu / RETAIN90), "--output", str(out), "--metrics", "forget",
+    rc = cli_main(["eval", "--model", str(tiny_model_dir), "--data", str(tofu_dir), "--forget-split", "forget10",
+                   "--retain-logs", str(tofu_dir / RETAIN90), "--output", str(out), "--metrics", "forget",
                    "--max-rows", "2", "--max-new-tokens", "2", "--quiet"])
     assert rc == 0
     summary = json.loads((out / "TOFU_SUMMARY.json").read_text())
@@ -214,12 +200,12 @@ def test_cli_eval_writes_files_and_reports_missing_inputs(tofu, tiny_model_dir, 
     assert "forget_quality" in capsys.readouterr().out
     # refuses to overwrite, and names each missing input before loading anything
     cases = [
-        (["--model", str(tiny_model_dir), "--data", str(tofu), "--output", str(out)], "--overwrite"),
-        (["--model", str(tmp_path / "nope"), "--data", str(tofu), "--output", str(tmp_path / "o")], "--model"),
+        (["--model", str(tiny_model_dir), "--data", str(tofu_dir), "--output", str(out)], "--overwrite"),
+        (["--model", str(tmp_path / "nope"), "--data", str(tofu_dir), "--output", str(tmp_path / "o")], "--model"),
         (["--model", str(tiny_model_dir), "--data", str(tmp_path / "nope"), "--output", str(tmp_path / "o")], "--data"),
-        (["--model", str(tiny_model_dir), "--data", str(tofu), "--retain-logs", str(tmp_path / "nope"),
+        (["--model", str(tiny_model_dir), "--data", str(tofu_dir), "--retain-logs", str(tmp_path / "nope"),
           "--output", str(tmp_path / "o")], "--retain-logs"),
-        (["--model", str(tiny_model_dir), "--data", str(tofu), "--metrics", "forget,bogus",
+        (["--model", str(tiny_model_dir), "--data", str(tofu_dir), "--metrics", "forget,bogus",
           "--output", str(tmp_path / "o")], "bogus"),
     ]
     for argv, needle in cases:

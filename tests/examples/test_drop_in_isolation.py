@@ -6,7 +6,7 @@ import runpy
 import torch
 
 from altpo_kernels import batch_answer_logprobs
-from paths import REPO_ROOT
+from helpers import REPO_ROOT
 
 
 def test_drop_in_example_hidden_states_equal_per_sequence_ones():

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from paths import REPO_ROOT
+from helpers import REPO_ROOT
 
 ROOT = REPO_ROOT
 

@@ -13,7 +13,7 @@ from altpo.data.packing import ROLE_ALTERNATE, ROLE_FORGET, ROLE_RETAIN, PackUni
 from altpo.model.packed_attention import enable_packed_attention
 from altpo.train.step import PackedLoss, forward_backward, sequence_logprobs
 from altpo_kernels import METHODS, REGISTRY
-from paths import REPO_ROOT
+from helpers import REPO_ROOT
 
 EXAMPLE = REPO_ROOT / "examples" / "hf_trainer_unlearning.py"
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from paths import REPO_ROOT
+from helpers import REPO_ROOT
 
 pytest.importorskip("trl", reason="the example needs the trl extra")  # in the test extra
 

@@ -6,7 +6,7 @@ import ast
 
 import pytest
 
-from paths import REPO_ROOT
+from helpers import REPO_ROOT
 
 FOLDERS = ("altpo", "benchmarks", "examples", "kernels")
 

@@ -163,7 +163,7 @@ def test_plan_command_speaks_the_train_flags(capsys):
 def test_memory_plan_doc_quotes_what_the_code_plans():
     import runpy
 
-    from paths import REPO_ROOT
+    from helpers import REPO_ROOT
 
     script = runpy.run_path(str(REPO_ROOT / "scripts" / "plan_examples.py"))
     assert script["MARKER"].findall((REPO_ROOT / "docs" / "memory-plan.md").read_text())

@@ -1,23 +1,17 @@
 """A stalled data-parallel rank ends the run after --dist-timeout with a message naming it,
 instead of the other ranks hanging for torch's default 30 minutes."""
 
-import os
-import subprocess
-import sys
 from datetime import timedelta
 
 import pytest
 
 from altpo.errors import UserError
 from altpo.train.config import TrainConfig
-from paths import REPO_ROOT
+from helpers import REPO_ROOT, torchrun
 
 
 def test_a_stalled_rank_is_named_after_the_timeout():
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(REPO_ROOT / "tests" / "train" / "stall_worker.py"), "4"]
-    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+    proc = torchrun(str(REPO_ROOT / "tests" / "train" / "stall_worker.py"), "4", timeout=240, check=False)
     results = {line.split()[1]: line for line in proc.stdout.splitlines() if line.startswith("RESULT")}
     assert "0" in results, proc.stdout + proc.stderr[-3000:]
     message = results["0"]

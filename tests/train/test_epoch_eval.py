@@ -2,9 +2,6 @@
 --keep-best keeps the best epoch's model beside the final one, on one process and under torchrun."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,8 +11,7 @@ from altpo.eval.tofu import evaluate_tofu
 from altpo.train import train
 from altpo.train.config import TrainConfig
 from altpo.train.epoch_eval import is_better, parse_keep_best
-from paths import REPO_ROOT
-from train_fixtures import base_settings, build_model_folder
+from helpers import base_settings, build_model_folder, cli_flags, torchrun
 
 EPOCH_STEPS = 5  # 4 questions x 5 alternates = 20 pairs, batch 4
 
@@ -82,18 +78,7 @@ def test_epoch_eval_under_torchrun(tofu_dir, tmp_path):
     settings = base_settings(tofu_dir, model_dir, tmp_path / "one", max_steps=EPOCH_STEPS, eval_every_epoch="mia",
                              eval_max_rows=3, keep_best="mia_min_k:min")
     train(TrainConfig(**settings))
-    args = []
-    for key, value in {**settings, "output": str(tmp_path / "two")}.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            args.append(flag)
-        elif value is not False and value is not None:
-            args += [flag, str(value)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "altpo.cli", "train", *args], env=env, cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun("-m", "altpo.cli", "train", *cli_flags({**settings, "output": str(tmp_path / "two")}))
     one = json.loads((tmp_path / "one" / "evals" / "epoch-1" / "TOFU_SUMMARY.json").read_text())
     two = json.loads((tmp_path / "two" / "evals" / "epoch-1" / "TOFU_SUMMARY.json").read_text())
     assert set(one) == set(two)

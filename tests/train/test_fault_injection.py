@@ -27,11 +27,6 @@ KILLS = 20
 STEPS = 40
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_model_folder(TOFU_FIXTURE, tmp_path_factory.mktemp("tiny_fault_model"))
-
-
 def _last_record(out) -> dict:
     try:
         lines = (out / "metrics.jsonl").read_text().splitlines()

@@ -8,10 +8,7 @@ process and on two sharded ones.
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,25 +16,11 @@ from safetensors.torch import load_file
 
 from altpo.train import train
 from altpo.train.config import TrainConfig
-from paths import REPO_ROOT, TOFU_FIXTURE
-from train_fixtures import base_settings, build_model_folder
-
-REPO = str(REPO_ROOT)
+from helpers import TOFU_FIXTURE, base_settings, build_model_folder, cli_flags, torchrun
 
 
 def _torchrun(settings: dict, **overrides) -> None:
-    args = []
-    for key, value in {**settings, **overrides}.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            args.append(flag)
-        elif value is not False and value is not None:
-            args += [flag, str(value)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "altpo.cli", "train", *args]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun("-m", "altpo.cli", "train", *cli_flags({**settings, **overrides}))
 
 
 def _losses(folder):

@@ -16,11 +16,6 @@ from train_fixtures import ALTERNATES, FORGET_ROWS, base_settings, build_model_f
 from paths import TOFU_FIXTURE
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_model_folder(TOFU_FIXTURE, tmp_path_factory.mktemp("tiny_noop_model"))
-
-
 def _rows() -> list[dict]:
     return [json.loads(line) for line in (TOFU_FIXTURE / ALTERNATES).read_text().splitlines() if line.strip()]
 

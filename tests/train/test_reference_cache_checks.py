@@ -13,11 +13,6 @@ from paths import TOFU_FIXTURE
 CACHE = "reference_logprobs.safetensors"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_model_folder(TOFU_FIXTURE, tmp_path_factory.mktemp("tiny_cache_model"))
-
-
 def _stored(path):
     with safe_open(str(path), framework="pt") as f:
         return f.metadata(), f.get_tensor("forget").clone(), f.get_tensor("alternates").clone()

@@ -23,11 +23,6 @@ from train_fixtures import base_settings, build_model_folder
 from paths import TOFU_FIXTURE
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_model_folder(TOFU_FIXTURE, tmp_path_factory.mktemp("tiny_safety_model"))
-
-
 def _config(tofu_dir, model_dir, out, **overrides):
     return TrainConfig(**base_settings(tofu_dir, model_dir, out, **overrides))
 

@@ -30,11 +30,6 @@ from train_fixtures import (
 from paths import TOFU_FIXTURE
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_model_folder(TOFU_FIXTURE, tmp_path_factory.mktemp("tiny_tofu_model"))
-
-
 def _pair_data(tofu_dir, model_dir):
     tok = AutoTokenizer.from_pretrained(model_dir)
     forget_all = load_tofu_split(tofu_dir, "forget01")

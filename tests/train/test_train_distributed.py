@@ -5,20 +5,13 @@ the 2-process run each rank computes its share (its own forget pairs and its own
 retain draw) and DDP sums the gradients. The weights must agree to fp32 rounding.
 """
 
-import os
-import subprocess
-import sys
-
 import torch
 from safetensors.torch import load_file
 
 from altpo.data.step_sampling import StepSampler
 from altpo.train import train
 from altpo.train.config import TrainConfig
-from paths import REPO_ROOT
-from train_fixtures import base_settings, build_model_folder
-
-REPO = str(REPO_ROOT)
+from helpers import base_settings, build_model_folder, cli_flags, torchrun
 
 
 def test_two_gloo_processes_reach_the_one_process_weights(tofu_dir, tmp_path):
@@ -33,18 +26,7 @@ def test_two_gloo_processes_reach_the_one_process_weights(tofu_dir, tmp_path):
         r0, r1 = sampler.rows(step, 0, 2), sampler.rows(step, 1, 2)
         assert r0.retain != r1.retain and r0.retain + r1.retain == sampler.rows(step).retain
 
-    args = []
-    for key, value in {**settings, "output": str(tmp_path / "two")}.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            args.append(flag)
-        elif value is not False and value is not None:
-            args += [flag, str(value)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "altpo.cli", "train", *args]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun("-m", "altpo.cli", "train", *cli_flags({**settings, "output": str(tmp_path / "two")}))
 
     a = load_file(str(tmp_path / "one" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "model.safetensors"))

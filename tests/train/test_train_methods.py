@@ -28,11 +28,6 @@ HPARAMS = {"npo": dict(beta=0.5, alpha=0.2), "simnpo": dict(beta=0.2, delta=0.5,
            "graddiff": dict(alpha=0.2), "gradascent": dict(), "idkdpo": dict(beta=0.5, alpha=0.2)}
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_model_folder(TOFU_FIXTURE, tmp_path_factory.mktemp("tiny_tofu_model"))
-
-
 def _settings(tofu_dir, model_dir, out, method, **kw):
     s = base_settings(tofu_dir, model_dir, out, method=method, batch_size=3, max_steps=4, lr=1e-2,
                       **HPARAMS[method], **kw)
