@@ -70,9 +70,3 @@ def make_folder_portable(folder) -> None:
     folder = Path(folder)
     _rewrite_json(folder / "tokenizer_config.json", _portable_tokenizer_config(folder))
     _rewrite_json(folder / "config.json", _portable_model_config)
-
-
-def save_tokenizer(tokenizer, folder) -> None:
-    """``tokenizer.save_pretrained(folder)``, with a tokenizer_config.json older releases read."""
-    tokenizer.save_pretrained(str(folder))
-    make_folder_portable(folder)

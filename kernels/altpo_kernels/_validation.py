@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -77,17 +75,3 @@ def check_range(name: str, t, num_seqs: int) -> None:
             f"{name} refers to sequence {int(t.max()) if int(t.max()) >= num_seqs else int(t.min())}, "
             f"but seq_ids only define sequences 0..{num_seqs - 1}; indices must name packed sequences"
         )
-
-
-def check_positive(name: str, value, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
-
-
-def check_weight(name: str, value) -> None:
-    """A loss weight (alpha, gamma): a finite number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0 (0 turns its term off), got {value!r}")
