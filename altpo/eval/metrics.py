@@ -17,6 +17,7 @@ quirks (documented where they matter), so numbers compare directly with its publ
 
 from __future__ import annotations
 
+import logging
 import math
 import zlib
 from typing import Iterable, Mapping, Sequence
@@ -157,8 +158,6 @@ _SCORER = None
 def _rouge_scorer():
     global _SCORER
     if _SCORER is None:
-        import logging
-
         from rouge_score import rouge_scorer
 
         # rouge_score logs through absl at INFO for every call on some versions.

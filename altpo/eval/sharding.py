@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Sequence, TypeVar
 
+import torch.distributed as tdist
+
 T = TypeVar("T")
 
 
@@ -25,8 +27,6 @@ class Shards:
     @classmethod
     def from_process_group(cls) -> "Shards":
         """The running ``torch.distributed`` group's rank and size (one process when none)."""
-        import torch.distributed as tdist
-
         if tdist.is_available() and tdist.is_initialized():
             return cls(tdist.get_rank(), tdist.get_world_size())
         return cls()
@@ -39,8 +39,6 @@ class Shards:
         """The union of every rank's ``local`` dictionary (keys are disjoint across ranks)."""
         if self.world == 1:
             return dict(local)
-        import torch.distributed as tdist
-
         parts: list = [None] * self.world
         tdist.all_gather_object(parts, local)
         merged: dict = {}
@@ -50,8 +48,6 @@ class Shards:
 
     def barrier(self) -> None:
         if self.world > 1:
-            import torch.distributed as tdist
-
             tdist.barrier()
 
 
@@ -63,8 +59,6 @@ def join_process_group(device) -> tuple[Shards, bool]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Shards(), False
-    import torch.distributed as tdist
-
     if tdist.is_initialized():
         return Shards.from_process_group(), False
     backend = "nccl" if str(device).startswith("cuda") else "gloo"

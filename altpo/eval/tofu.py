@@ -33,6 +33,7 @@ from altpo.eval.scoring import (  # noqa: F401  (re-exported: the public names o
     generate_greedy,
 )
 from altpo.eval.sharding import Shards
+import altpo.progress as bars
 from altpo.sources import looks_like_hub_id
 from altpo.data.tofu import (
     DEFAULT_DATE_STRING,
@@ -508,9 +509,7 @@ def evaluate_tofu(model, tokenizer, data_dir, forget_split: str = "forget10", *,
         out = Path(output_dir)
         if out.exists() and not out.is_dir():
             raise NotADirectoryError(f"output_dir {out} exists and is not a folder; choose another path")
-    from altpo.progress import interactive, third_party_bars
-
-    with third_party_bars(progress and interactive()):  # datasets' and transformers' bars
+    with bars.third_party_bars(progress and bars.interactive()):  # datasets' and transformers' bars
         logs = compute_tofu_metrics(
             model, tokenizer, data_dir, forget_split, retain_logs=retain, batch_size=batch_size,
             max_new_tokens=max_new_tokens, system_prompt=system_prompt, date_string=date_string,

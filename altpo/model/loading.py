@@ -8,6 +8,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
+from altpo.data.tofu import DEFAULT_DATE_STRING, DEFAULT_SYSTEM_PROMPT, check_chat_template
 from altpo.errors import UserError
 from altpo.sources import looks_like_hub_id
 
@@ -36,8 +39,6 @@ def check_model_source(source: str, flag: str = "--model") -> None:
 
 def resolve_device(name: str = "auto"):
     """``auto``: CUDA when available, else the CPU."""
-    import torch
-
     if name not in DEVICES and not str(name).startswith("cuda:"):
         raise UserError(f"--device must be one of {', '.join(DEVICES)} (or cuda:N), got {name!r}")
     if name == "auto":
@@ -49,8 +50,6 @@ def resolve_device(name: str = "auto"):
 
 def resolve_dtype(name: str, device):
     """``auto``: bfloat16 on a GPU that supports it, float32 otherwise."""
-    import torch
-
     name = {v: k for k, v in _TORCH_DTYPE_NAMES.items()}.get(name, name)  # the old long names
     if name not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
@@ -85,8 +84,6 @@ def load_model_and_tokenizer(source: str, *, device: str = "auto", dtype: str = 
 
 def add_model_arguments(parser) -> None:
     """The flags every command that loads a model for inference shares: device, dtype, template."""
-    from altpo.data.tofu import DEFAULT_DATE_STRING, DEFAULT_SYSTEM_PROMPT
-
     parser.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} or cuda:N (default auto)")
     from altpo.cli.flags import dtype_value
 
@@ -115,8 +112,6 @@ def _pretrained_source(name: str, flag: str, *, needs_config: bool) -> str:
 def load_tokenizer(name: str, flag: str = "--model"):
     """The tokenizer of a folder or hub id, checked to have a chat template; errors name ``flag``."""
     from transformers import AutoTokenizer
-
-    from altpo.data.tofu import check_chat_template
 
     source = _pretrained_source(name, flag, needs_config=False)
     try:

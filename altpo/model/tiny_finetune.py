@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from altpo.data.tofu import ChatFormat, encode_qa_batch
+from altpo.progress import progress_bar
 
 
 def encode_rows(tokenizer, rows: Sequence[dict], fmt: ChatFormat = ChatFormat()
@@ -83,8 +84,6 @@ def finetune_qa(model, tokenizer, rows: Sequence[dict], *, epochs: int = 30, bat
         raise ValueError("finetune_qa needs at least one question/answer row")
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be positive, got {epochs}, {batch_size}")
-    from altpo.progress import progress_bar
-
     variants: list[list[tuple[list[int], list[int]]]] = []
     for row in rows:
         answers = row["answer"] if isinstance(row["answer"], list) else [row["answer"]]

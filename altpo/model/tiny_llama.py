@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import torch
+
+from altpo.model.saving import make_folder_portable
+
 BOS = "<|begin_of_text|>"
 EOT = "<|eot_id|>"
 START_HEADER = "<|start_header_id|>"
@@ -69,7 +73,6 @@ def build_tiny_llama(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, n
                      num_kv_heads: int = 2, intermediate_size: int = 128, max_positions: int = 2048,
                      tie_word_embeddings: bool = False, seed: int = 0):
     """A randomly initialised LlamaForCausalLM sized for ``tokenizer``, in fp32."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -92,8 +95,6 @@ def build_tiny_llama(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, n
 
 def save_tiny_model(model, tokenizer, path) -> None:
     """``save_pretrained`` both, so loading goes through ``from_pretrained`` like a real checkpoint."""
-    from altpo.model.saving import make_folder_portable
-
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     make_folder_portable(path)  # loadable by transformers 4.45+ too

@@ -57,6 +57,7 @@ operands), fp32 copies of the GEMM operands: ``4 * (C * Vb + Vb * H + C * H)``.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -225,8 +226,6 @@ def addmm_out_dtype_ok(device) -> bool:
         ok, reason = probe_addmm_out_dtype(device)
         _ADDMM_PROBE[key] = (ok, reason)
         if not ok:
-            import warnings
-
             warnings.warn(
                 f"altpo_kernels: torch.addmm(..., out_dtype=torch.float32) failed its check on {key} "
                 f"({reason}); the backward's GEMMs upcast 16-bit operands to fp32 instead (same "

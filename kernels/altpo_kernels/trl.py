@@ -30,12 +30,15 @@ import warnings
 from contextlib import nullcontext
 
 import torch
+import transformers
+from packaging.version import Version
 
 from .hf import logit_scale as _logit_scale  # the scale every caller reads, as TRL reads it
 from .linear_logprobs import linear_logprobs
 
 try:
     import trl as _trl
+    from trl.trainer import dpo_trainer
     from trl.trainer.utils import FusedCausalLMOutput
     from trl.trainer.utils import add_fused_lm_head as _trl_add_fused_lm_head
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -153,8 +156,6 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     original_forward = model.forward
     backbone_attr = "base_model"
     if text_config is not model.config:
-        import transformers
-        from packaging.version import Version
         if Version(transformers.__version__) < Version("5.0.0"):
             backbone_attr = "model"
 
@@ -232,8 +233,6 @@ class DPOTrainer(_trl.DPOTrainer):
     lm_head_backend = "auto"
 
     def __init__(self, *args, **kwargs):
-        from trl.trainer import dpo_trainer
-
         backend = self.lm_head_backend
 
         def on_kernel(model, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_probs",)):
