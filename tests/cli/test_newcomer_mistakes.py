@@ -15,9 +15,7 @@ from safetensors.torch import load_file
 
 import altpo.train.loop
 from altpo.cli import main
-from paths import REPO_ROOT
-from train_fixtures import ALTERNATES, base_settings, build_model_folder
-from paths import TOFU_FIXTURE
+from helpers import ALTERNATES, REPO_ROOT, base_settings
 
 RETAIN90_LOGS = "eval_logs/tofu_Llama-3.2-1B-Instruct_retain90"
 

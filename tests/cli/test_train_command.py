@@ -14,19 +14,11 @@ import altpo.train.loop
 from altpo.cli import UserError, main
 from altpo.cli.train import add_arguments, config_from_args
 from altpo.train.config import FIELDS, PRESETS, TrainConfig, resolve_config
-from train_fixtures import ALTERNATES, base_settings, build_model_folder
-from paths import TOFU_FIXTURE
+from helpers import ALTERNATES, base_settings, cli_flags
 
 
 def _argv(settings: dict) -> list[str]:
-    argv = ["train"]
-    for key, value in settings.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            argv.append(flag)
-        elif value is not False and value is not None:
-            argv += [flag, str(value)]
-    return argv
+    return ["train", *cli_flags(settings)]
 
 
 def _fails(capsys, settings, *expected):

@@ -15,13 +15,11 @@ import multiprocessing
 import random
 import time
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 import fault_child
-from train_fixtures import base_settings, build_model_folder
-from paths import TOFU_FIXTURE
+from helpers import base_settings
 
 KILLS = 20
 STEPS = 40

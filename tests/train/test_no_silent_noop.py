@@ -12,8 +12,7 @@ from altpo.data.tofu import load_alternates, load_tofu_split
 from altpo.errors import UserError
 from altpo.train import train
 from altpo.train.config import TrainConfig
-from train_fixtures import ALTERNATES, FORGET_ROWS, base_settings, build_model_folder
-from paths import TOFU_FIXTURE
+from helpers import ALTERNATES, FORGET_ROWS, TOFU_FIXTURE, base_settings
 
 
 def _rows() -> list[dict]:

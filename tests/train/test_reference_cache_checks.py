@@ -1,14 +1,12 @@
 """The reference cache is reused only when its numbers are the ones that were written, fit the
 data and are finite; otherwise it is computed again and the run says why."""
 
-import pytest
 import torch
 from safetensors import safe_open
 
 from altpo.train import train
 from altpo.train.config import TrainConfig
-from train_fixtures import base_settings, build_model_folder
-from paths import TOFU_FIXTURE
+from helpers import base_settings
 
 CACHE = "reference_logprobs.safetensors"
 

@@ -19,8 +19,7 @@ from altpo.errors import UserError
 from altpo.train import train
 from altpo.train.config import TrainConfig
 from altpo.train.report import NonFiniteLossError
-from train_fixtures import base_settings, build_model_folder
-from paths import TOFU_FIXTURE
+from helpers import base_settings
 
 
 def _config(tofu_dir, model_dir, out, **overrides):

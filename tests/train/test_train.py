@@ -19,15 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from altpo.data.tofu import ChatFormat, build_altpo_data, load_alternates, load_tofu_split
 from altpo.train import train
 from altpo.train.config import TrainConfig
-from train_fixtures import (
-    ALTERNATES,
-    FORGET_ROWS,
-    RETAIN_ROWS,
-    base_settings,
-    build_model_folder,
-    sequence_logprob_float64,
-)
-from paths import TOFU_FIXTURE
+from helpers import ALTERNATES, FORGET_ROWS, RETAIN_ROWS, base_settings, sequence_logprob_float64
 
 
 def _pair_data(tofu_dir, model_dir):

@@ -19,8 +19,7 @@ from altpo.data.tofu import ChatFormat, build_altpo_data, load_tofu_split
 from altpo.errors import UserError
 from altpo.train import train
 from altpo.train.config import PRESETS, TrainConfig
-from train_fixtures import FORGET_ROWS, RETAIN_ROWS, base_settings, build_model_folder, sequence_logprob_float64
-from paths import TOFU_FIXTURE
+from helpers import FORGET_ROWS, RETAIN_ROWS, base_settings, sequence_logprob_float64
 
 # a small retain weight: the tiny model is barely trained, so a strong retain NLL term would raise
 # every answer's probability, the forget answers' included, and hide the forget term's effect
