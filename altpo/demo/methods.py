@@ -13,9 +13,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from altpo_kernels.methods import REGISTRY
 
 from altpo.demo.errors import DemoError
+from altpo.demo.layout import COMPARE_PLOT_NAME, OUTPUT_ENTRIES, SUMMARY_NAME, format_metric as _fmt
 
 #: What ``altpo-fast demo --compare`` runs.
 COMPARE_METHODS = ("altpo", "npo", "simnpo")
@@ -74,10 +76,6 @@ COMPARE_METRICS = ("forget_quality", "model_utility", "forget_Q_A_Prob", "forget
 
 
 def compare_summary(common: dict, runs: dict, seconds: dict, started: float) -> dict:
-    import torch
-
-    from altpo.demo.run import OUTPUT_ENTRIES
-
     return {**common, "methods": list(runs), "runs": runs,
             "forgetting": {"held": all(r["forgetting"]["held"] for r in runs.values()),
                            **{m: r["forgetting"]["held"] for m, r in runs.items()}},
@@ -89,8 +87,6 @@ def compare_summary(common: dict, runs: dict, seconds: dict, started: float) -> 
 
 def format_compare_report(summary: dict, out: Path | None = None) -> str:
     """One row per metric, one column per model: before, each method, the retain model."""
-    from altpo.demo.run import COMPARE_PLOT_NAME, SUMMARY_NAME, _fmt
-
     methods = summary["methods"]
     head = ["metric", "before"] + [method_title(m) for m in methods] + ["retain model"]
     rows = [head]

@@ -30,15 +30,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from altpo.demo.errors import DemoError
+import torch
 
-#: What the demo writes into its output folder (``--overwrite`` removes exactly these first).
-OUTPUT_ENTRIES = ("data", "full_model", "retain_model", "alternates.jsonl",
-                  "alternates.jsonl.settings.json", "unlearned_model", "unlearned_models",
-                  "eval", "demo_summary.json", "demo_plot.png", "demo_compare.png")
-SUMMARY_NAME = "demo_summary.json"
-PLOT_NAME = "demo_plot.png"
-COMPARE_PLOT_NAME = "demo_compare.png"  # --compare: the methods' TOFU metrics side by side
+from altpo.data.synthetic_authors import build_synthetic_tofu
+from altpo.data.tofu import chat_prompt_text, load_tofu_split
+from altpo.demo.errors import DemoError
+from altpo.demo.layout import COMPARE_PLOT_NAME, OUTPUT_ENTRIES, PLOT_NAME, SUMMARY_NAME  # noqa: F401
+from altpo.demo.layout import format_metric as _fmt
+from altpo.demo.methods import (check_methods, compare_summary, demo_recipe, format_compare_report,
+                                method_title, needs_alternates, plot_compare, write_idk_answers)
+from altpo.eval.alternates import ALTERNATE_PROMPT, generate_alternates
+from altpo.eval.tofu import answer_probabilities, evaluate_tofu
+from altpo.model.tiny_finetune import finetune_qa
+from altpo.model.tiny_llama import build_tiny_llama, build_tiny_tokenizer, save_tiny_model
+from altpo.train.checkpoint import CHECKPOINTS, list_checkpoints
+from altpo.train.config import TrainConfig
+from altpo.train.loop import train
 
 # The two conditions the demo must meet (docs/design.md: the demo must really forget).
 FORGET_RATIO_LIMIT = 0.5
@@ -129,9 +136,6 @@ def prepare_output(output: str | Path, force: bool) -> Path:
 
 def _tokenizer_corpus(splits: dict[str, list[dict]], extra_rows: Sequence[dict] = ()) -> list[str]:
     """Every text the models will read, chat-formatted, so the BPE merges fit the real sequences."""
-    from altpo.model.tiny_llama import build_tiny_tokenizer
-    from altpo.data.tofu import chat_prompt_text
-
     # The chat template only needs a tokenizer object to render; a throwaway one made from a
     # single word renders exactly what the real one will.
     renderer = build_tiny_tokenizer(["demo"], vocab_size=300)
@@ -151,8 +155,6 @@ def _tokenizer_corpus(splits: dict[str, list[dict]], extra_rows: Sequence[dict] 
 def alternate_request(question: str, answer: str) -> str:
     """The user message that asks for an answer with changed facts: the very prompt
     ``altpo-fast generate-alternates`` sends."""
-    from altpo.eval.alternates import ALTERNATE_PROMPT
-
     return ALTERNATE_PROMPT.format(question=question, answer=answer)
 
 
@@ -249,8 +251,6 @@ def run_demo(output: str | Path = "altpo-demo", *, preset: str = "default",
             :data:`altpo.demo.methods.COMPARE_METHODS`); their metrics side by side in
             ``demo_compare.png`` and the summary's ``methods``.
     """
-    from altpo.demo.methods import check_methods
-
     methods = check_methods(list(compare) if compare else [method])
     if config is None:
         if preset not in PRESETS:
@@ -259,8 +259,6 @@ def run_demo(output: str | Path = "altpo-demo", *, preset: str = "default",
     if threads is not None and threads < 1:
         raise DemoError(f"threads must be at least 1, got {threads}")
     out = prepare_output(output, force)
-
-    import torch
 
     from transformers.utils import logging as hf_logging
 
@@ -280,62 +278,29 @@ def run_demo(output: str | Path = "altpo-demo", *, preset: str = "default",
 
 def _run(out: Path, config: DemoConfig, seed: int, progress: bool, verbose: bool,
          methods: Sequence[str] = ("altpo",)) -> dict:
-    import torch
-
-    from altpo.data.synthetic_authors import build_synthetic_tofu
-    from altpo.demo.methods import (compare_summary, format_compare_report, method_title,
-                                    needs_alternates, plot_compare, write_idk_answers)
-    from altpo.eval.tofu import evaluate_tofu
-    from altpo.model.tiny_finetune import finetune_qa
-    from altpo.model.tiny_llama import build_tiny_llama, build_tiny_tokenizer, save_tiny_model
-
     started = time.perf_counter()
     with_alternates = any(needs_alternates(m) for m in methods)
     stage = _Stages(6 + with_alternates + 2 * len(methods), verbose)
     data_dir, eval_dir = out / "data", out / "eval"
     full_dir, retain_dir = out / "full_model", out / "retain_model"
-    compare = len(methods) > 1
     forget_split, retain_split = config.forget_split, config.retain_split
 
-    with stage("data", "inventing the fictitious-author data set"):
-        data = build_synthetic_tofu(
-            config.num_authors, config.questions_per_author, forget_percents=(config.forget_percent,),
-            num_real_authors=config.num_real_authors, num_world_facts=config.num_world_facts,
-            seed=seed)
-        data.write(data_dir)
-        write_idk_answers(data_dir)
-        general = data.splits["real_authors_perturbed"] + data.splits["world_facts_perturbed"]
-        if verbose:
-            print(f"      {len(data.authors)} authors x {config.questions_per_author} questions "
-                  f"({len(data.splits['full'])} rows), {forget_split}: "
-                  f"{len(data.splits[forget_split])} rows, {len(general)} general-knowledge rows "
-                  f"-> {data_dir}", flush=True)
-
+    data, general = _make_data(stage, config, seed, data_dir, verbose)
     skill = alternate_skill_rows(data, retain_split, seed,
                                  every_nth_author=config.skill_every_nth_author)
     with stage("tokenizer", "training the tokenizer"):
         tokenizer = build_tiny_tokenizer(_tokenizer_corpus(data.splits, skill),
                                          vocab_size=config.vocab_size)
-
-    def finetune(rows, folder: Path, desc: str):
-        model = build_tiny_llama(tokenizer, hidden_size=config.hidden_size,
-                                 num_layers=config.num_layers, num_heads=config.num_heads,
-                                 num_kv_heads=config.num_kv_heads,
-                                 intermediate_size=config.intermediate_size, seed=seed)
-        result = finetune_qa(model, tokenizer, rows, epochs=config.finetune_epochs,
-                             batch_size=config.finetune_batch_size, lr=config.finetune_lr,
-                             seed=seed, progress=progress, desc=desc)
-        save_tiny_model(model, tokenizer, folder)
-        return model, result
-
     with stage("finetune_full", f"fine-tuning the full model on {len(data.splits['full'])} "
                f"author rows + {len(general)} general-knowledge rows + {len(skill)} "
                "changed-facts examples"):
-        _, full_ft = finetune(data.splits["full"] + general * config.general_repeats + skill,
-                              full_dir, "fine-tune full")
+        full_ft = _finetune(tokenizer, config, seed, progress,
+                            data.splits["full"] + general * config.general_repeats + skill,
+                            full_dir, "fine-tune full")
     with stage("finetune_retain", f"fine-tuning its twin on {retain_split} only (the retain model)"):
-        _, retain_ft = finetune(data.splits[retain_split] + general * config.general_repeats + skill,
-                                retain_dir, "fine-tune retain")
+        retain_ft = _finetune(tokenizer, config, seed, progress,
+                              data.splits[retain_split] + general * config.general_repeats + skill,
+                              retain_dir, "fine-tune retain")
 
     def evaluate(folder: Path, name: str, retain_logs):
         model, tok = _load_model(folder)
@@ -359,6 +324,7 @@ def _run(out: Path, config: DemoConfig, seed: int, progress: bool, verbose: bool
                 print(f"      {alt_report.describe()}", flush=True)
 
     runs = {}
+    compare = len(methods) > 1
     for method in methods:
         unlearned_dir = out / "unlearned_models" / method if compare else out / "unlearned_model"
         after_name = f"after_{method}" if compare else "after"
@@ -378,37 +344,80 @@ def _run(out: Path, config: DemoConfig, seed: int, progress: bool, verbose: bool
               "forget_split": forget_split, "retain_split": retain_split, "before": before,
               "retain_model": retain_metrics}
     if compare:
-        summary = compare_summary(common, runs, stage.seconds, started)
-        plot_compare(summary, out / COMPARE_PLOT_NAME)
-        summary["total_time_s"] = round(time.perf_counter() - started, 2)
-        (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
-        if verbose:
-            print(format_compare_report(summary, out), flush=True)
-        return summary
+        return _write_compare(out, common, runs, stage.seconds, started, verbose)
+    curves = {"finetune_full_loss": full_ft.step_losses, "finetune_retain_loss": retain_ft.step_losses}
+    return _write_single(out, common, methods[0], runs[methods[0]], curves, stage.seconds, started,
+                         verbose)
 
-    method = methods[0]
-    run = runs[method]
+
+def _make_data(stage: _Stages, config: DemoConfig, seed: int, data_dir: Path, verbose: bool):
+    """The fictitious-author data set, written to ``data_dir``; returns it and its general rows."""
+    with stage("data", "inventing the fictitious-author data set"):
+        data = build_synthetic_tofu(
+            config.num_authors, config.questions_per_author, forget_percents=(config.forget_percent,),
+            num_real_authors=config.num_real_authors, num_world_facts=config.num_world_facts,
+            seed=seed)
+        data.write(data_dir)
+        write_idk_answers(data_dir)
+        general = data.splits["real_authors_perturbed"] + data.splits["world_facts_perturbed"]
+        if verbose:
+            print(f"      {len(data.authors)} authors x {config.questions_per_author} questions "
+                  f"({len(data.splits['full'])} rows), {config.forget_split}: "
+                  f"{len(data.splits[config.forget_split])} rows, {len(general)} general-knowledge rows "
+                  f"-> {data_dir}", flush=True)
+    return data, general
+
+
+def _finetune(tokenizer, config: DemoConfig, seed: int, progress: bool, rows, folder: Path, desc: str):
+    """A fresh tiny Llama fine-tuned on ``rows``, saved to ``folder``; returns the fine-tune result."""
+    model = build_tiny_llama(tokenizer, hidden_size=config.hidden_size,
+                             num_layers=config.num_layers, num_heads=config.num_heads,
+                             num_kv_heads=config.num_kv_heads,
+                             intermediate_size=config.intermediate_size, seed=seed)
+    result = finetune_qa(model, tokenizer, rows, epochs=config.finetune_epochs,
+                         batch_size=config.finetune_batch_size, lr=config.finetune_lr,
+                         seed=seed, progress=progress, desc=desc)
+    save_tiny_model(model, tokenizer, folder)
+    return result
+
+
+def _write_compare(out: Path, common: dict, runs: dict, seconds: dict, started: float,
+                   verbose: bool) -> dict:
+    """--compare: the summary, its figure and its table."""
+    summary = compare_summary(common, runs, seconds, started)
+    return _write_outputs(out, summary, plot_compare, COMPARE_PLOT_NAME, format_compare_report, started,
+                          verbose)
+
+
+def _write_single(out: Path, common: dict, method: str, run: dict, finetune_curves: dict,
+                  seconds: dict, started: float, verbose: bool) -> dict:
+    """One method: the summary, its figure and its table."""
     summary = {
         **common,
         "method": method,
         "after": run["after"],
         "forgetting": run["forgetting"],
         "curves": {
-            "finetune_full_loss": full_ft.step_losses,
-            "finetune_retain_loss": retain_ft.step_losses,
+            **finetune_curves,
             "unlearning": run["curve"],
             "probabilities": run["probabilities"],
         },
-        "timings_s": stage.seconds,
+        "timings_s": seconds,
         "total_time_s": round(time.perf_counter() - started, 2),
         "torch_threads": torch.get_num_threads(),
         "files": {name: name for name in OUTPUT_ENTRIES if (out / name).exists() or name == PLOT_NAME},
     }
-    plot_summary(summary, out / PLOT_NAME)
+    return _write_outputs(out, summary, plot_summary, PLOT_NAME, format_report, started, verbose)
+
+
+def _write_outputs(out: Path, summary: dict, plot, plot_name: str, report, started: float,
+                   verbose: bool) -> dict:
+    """The figure, then the summary with the total time (figure included), then the table."""
+    plot(summary, out / plot_name)
     summary["total_time_s"] = round(time.perf_counter() - started, 2)
     (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
     if verbose:
-        print(format_report(summary, out), flush=True)
+        print(report(summary, out), flush=True)
     return summary
 
 
@@ -419,9 +428,6 @@ def _run(out: Path, config: DemoConfig, seed: int, progress: bool, verbose: bool
 def _generate_alternates(model_dir: Path, data_dir: Path, forget_split: str, path: Path,
                          config: DemoConfig, seed: int, progress: bool):
     """``num_alternates`` sampled alternates per forget question, as generate-alternates makes them."""
-    from altpo.eval.alternates import generate_alternates
-    from altpo.data.tofu import load_tofu_split
-
     model, tok = _load_model(model_dir)
     rows = load_tofu_split(str(data_dir), forget_split)
     report = generate_alternates(model, tok, rows, k=config.num_alternates, seed=seed,
@@ -438,11 +444,6 @@ def _generate_alternates(model_dir: Path, data_dir: Path, forget_split: str, pat
 def _train_method(method: str, model_dir: Path, data_dir: Path, alternates: Path, output: Path,
                   config: DemoConfig, seed: int, quiet: bool):
     """``method`` through :func:`altpo.train.train`; a checkpoint every epoch for the curve."""
-    from altpo.data.tofu import load_tofu_split
-    from altpo.demo.methods import demo_recipe, needs_alternates
-    from altpo.train.config import TrainConfig
-    from altpo.train.loop import train
-
     recipe = demo_recipe(config, method)
     if needs_alternates(method):
         rows = sum(1 for line in alternates.read_text().splitlines() if line.strip())
@@ -461,9 +462,6 @@ def _train_method(method: str, model_dir: Path, data_dir: Path, alternates: Path
 
 def _probability_curve(full_dir: Path, unlearned_dir: Path, data, config: DemoConfig) -> list[dict]:
     """forget / retain Q_A_Prob at the start, at every checkpoint and at the end of AltPO."""
-    from altpo.eval.tofu import answer_probabilities
-    from altpo.train.checkpoint import CHECKPOINTS, list_checkpoints
-
     forget_rows = data.splits[f"{config.forget_split}_perturbed"]
     retain_rows = data.splits["retain_perturbed"]
     points = [(0, full_dir)] + list_checkpoints(unlearned_dir)
@@ -482,14 +480,6 @@ def _probability_curve(full_dir: Path, unlearned_dir: Path, data, config: DemoCo
 
 # ------------------------------------------------------------------------------------------------
 # report and plot
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if value != 0 and abs(value) < 1e-3:
-        return f"{value:.2e}"
-    return f"{value:.4f}"
 
 
 def format_report(summary: dict, out: Path | None = None) -> str:
@@ -544,8 +534,6 @@ def plot_summary(summary: dict, path: Path) -> None:
     ax.legend()
 
     ax = axes[0, 1]
-    from altpo.demo.methods import method_title
-
     title = method_title(summary.get("method", "altpo"))
     steps = [r["step"] for r in curves["unlearning"]]
     ax.plot(steps, [r["loss"] for r in curves["unlearning"]], label="total", lw=1.5)
