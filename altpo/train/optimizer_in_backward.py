@@ -169,7 +169,7 @@ def _parameter_stages(model, optimizer: MixedPrecisionAdamW) -> list[list[int]]:
 
 
 def _forwards(loss_module, micro_batches, num_pairs, num_retain_tokens, device, before_forward,
-              forward_context) -> tuple[list, list, StepStats]:
+              forward_context, expected_cuts: int) -> tuple[list, list, StepStats]:
     """Every micro-batch's forward, its graph cut at each stage: ``(losses, anchors, stats)``."""
     losses, anchors = [], []
     totals = StepStatsSum(device)
@@ -186,6 +186,9 @@ def _forwards(loss_module, micro_batches, num_pairs, num_retain_tokens, device, 
             losses.append(out.loss)
             anchors.append(mb_anchors)
             totals.add(out, mb)
+    if any(len(a) != expected_cuts for a in anchors):
+        raise RuntimeError(f"expected {expected_cuts} stage cuts per micro-batch, got "
+                           f"{[len(a) for a in anchors]}; is the backbone a Llama-style decoder?")
     return losses, anchors, totals.result()
 
 
@@ -208,12 +211,9 @@ def optimizer_step_in_backward(
                         "not supported with it)")
     model = loss_module.model
     stages = _parameter_stages(model, optimizer)
-    losses, anchors, stats = _forwards(loss_module, micro_batches, num_pairs, num_retain_tokens,
-                                       device, before_forward, forward_context)
     expected = len(stages) - 1  # cuts per micro-batch: one per decoder layer and the final norm
-    if any(len(a) != expected for a in anchors):
-        raise RuntimeError(f"expected {expected} stage cuts per micro-batch, got "
-                           f"{[len(a) for a in anchors]}; is the backbone a Llama-style decoder?")
+    losses, anchors, stats = _forwards(loss_module, micro_batches, num_pairs, num_retain_tokens,
+                                       device, before_forward, forward_context, expected)
     if not math.isfinite(stats.loss):
         err = NonFiniteGradientError(float("nan"))
         err.stats = stats

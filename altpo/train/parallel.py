@@ -15,7 +15,7 @@ optimizer states in host memory, so the training loop has no branch on them:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -34,9 +34,9 @@ from altpo.train.checkpoint import (
 )
 from altpo.train.fsdp import (
     ShardedOptimizer,
+    full_state_dict,
     load_sharded_checkpoint,
     save_sharded_checkpoint,
-    full_state_dict,
     save_sharded_final_model,
     shard,
     sharded_reference_logprobs,
@@ -61,12 +61,13 @@ class LossModules:
 
 @dataclass
 class ScaleOut:
+    """The run's scale-out strategy (see the module docstring); made by :meth:`choose`."""
+
     fsdp: bool = False
     lora: bool = False
     offload: bool = False
     modules: LossModules | None = None  # once built (see ``build``)
     peft_model: object = None       # the peft wrapper under LoRA (its adapter is what is saved)
-    details: dict = field(default_factory=dict)
 
     @classmethod
     def choose(cls, config, model, dtype, dist) -> "ScaleOut":
