@@ -107,7 +107,7 @@ class StepStats:
     forget_loss: float
     retain_loss: float
     delta_sum: float
-    alternate_logp_sum: float
+    chosen_logp_sum: float
     forget_logp_sum: float
     num_pairs: int
     num_tokens: int
@@ -119,7 +119,7 @@ class StepStats:
     def as_tensor(self, device) -> torch.Tensor:
         """The summable fields as one float64 vector (for one all-reduce across ranks)."""
         return torch.tensor([self.loss, self.forget_loss, self.retain_loss, self.delta_sum,
-                             self.alternate_logp_sum, self.forget_logp_sum, self.num_pairs,
+                             self.chosen_logp_sum, self.forget_logp_sum, self.num_pairs,
                              self.num_tokens, self.num_sequences, self.num_micro_batches],
                             dtype=torch.float64, device=device)
 
