@@ -29,7 +29,7 @@ class PackUnit:
     """Sequences that must share one micro-batch.
 
     ``sequences`` are ``(input_ids, labels)`` with unshifted labels (-100 on the prompt), as
-    :func:`altpo.data.tofu.encode_qa` makes them. ``pairs`` are ``(win, lose)`` indexes into
+    :func:`altpo.data.tofu.encode_qa` makes them. ``pairs`` are ``(chosen, forget)`` indexes into
     ``sequences`` with their reference log-probs in ``ref_logps``; ``retain`` lists the sequences
     that get the NLL term (an index may repeat: a row drawn twice counts twice). ``key`` is free
     for the caller (e.g. the row ids) and is carried into the micro-batch.
@@ -57,11 +57,11 @@ class MicroBatch:
     seq_ids: torch.Tensor         # [T] long
     seq_lens: tuple[int, ...]     # per sequence, in row order
     roles: torch.Tensor           # [S] long, ROLE_* per sequence
-    win_seqs: torch.Tensor        # [P] long
-    lose_seqs: torch.Tensor       # [P] long
+    chosen_seqs: torch.Tensor        # [P] long
+    forget_seqs: torch.Tensor       # [P] long
     retain_seqs: torch.Tensor     # [R] long
-    ref_win_logps: torch.Tensor   # [P] fp32
-    ref_lose_logps: torch.Tensor  # [P] fp32
+    ref_chosen_logps: torch.Tensor   # [P] fp32
+    ref_forget_logps: torch.Tensor  # [P] fp32
     units: list = field(default_factory=list)            # the PackUnits, in row order
     unit_offsets: list[int] = field(default_factory=list)  # first sequence index of each unit
 
@@ -71,7 +71,7 @@ class MicroBatch:
 
     @property
     def num_pairs(self) -> int:
-        return int(self.win_seqs.shape[0])
+        return int(self.chosen_seqs.shape[0])
 
     def to(self, device) -> "MicroBatch":
         moved = {f.name: getattr(self, f.name).to(device, non_blocking=True)
@@ -125,7 +125,7 @@ def pack_units(units: Sequence[PackUnit], max_tokens: int) -> list[list[int]]:
 def build_micro_batch(units: Sequence[PackUnit]) -> MicroBatch:
     """Concatenate ``units`` into one packed row (on the CPU; move with ``.to(device)``)."""
     ids, pos, labels, seq_ids, lens, roles = [], [], [], [], [], []
-    win, lose, retain, ref_win, ref_lose, offsets = [], [], [], [], [], []
+    chosen, forget, retain, ref_chosen, ref_forget, offsets = [], [], [], [], [], []
     for unit in units:
         base = len(lens)
         offsets.append(base)
@@ -141,11 +141,11 @@ def build_micro_batch(units: Sequence[PackUnit]) -> MicroBatch:
             labels += shifted_labels(seq_labels)
             lens.append(n)
             roles.append(role)
-        for (w, l), (rw, rl) in zip(unit.pairs, unit.ref_logps):
-            win.append(base + w)
-            lose.append(base + l)
-            ref_win.append(rw)
-            ref_lose.append(rl)
+        for (c, f), (rc, rf) in zip(unit.pairs, unit.ref_logps):
+            chosen.append(base + c)
+            forget.append(base + f)
+            ref_chosen.append(rc)
+            ref_forget.append(rf)
         retain += [base + r for r in unit.retain]
 
     def long(x):
@@ -153,9 +153,9 @@ def build_micro_batch(units: Sequence[PackUnit]) -> MicroBatch:
 
     return MicroBatch(
         input_ids=long(ids), position_ids=long(pos), labels=long(labels), seq_ids=long(seq_ids),
-        seq_lens=tuple(lens), roles=long(roles), win_seqs=long(win), lose_seqs=long(lose),
-        retain_seqs=long(retain), ref_win_logps=torch.tensor(ref_win, dtype=torch.float32),
-        ref_lose_logps=torch.tensor(ref_lose, dtype=torch.float32), units=list(units),
+        seq_lens=tuple(lens), roles=long(roles), chosen_seqs=long(chosen), forget_seqs=long(forget),
+        retain_seqs=long(retain), ref_chosen_logps=torch.tensor(ref_chosen, dtype=torch.float32),
+        ref_forget_logps=torch.tensor(ref_forget, dtype=torch.float32), units=list(units),
         unit_offsets=offsets,
     )
 
@@ -169,7 +169,7 @@ def pack_micro_batches(units: Sequence[PackUnit], max_tokens: int) -> list[Micro
 # units from AltPO data
 
 
-def forget_units(data, pair_ids: Sequence[int], ref_alternate_logps=None, ref_forget_logps=None
+def forget_units(data, pair_ids: Sequence[int], ref_chosen_logps=None, ref_forget_logps=None
                  ) -> list[PackUnit]:
     """One unit per forget question among ``pair_ids``: its answer once, then its alternates.
 
@@ -186,13 +186,13 @@ def forget_units(data, pair_ids: Sequence[int], ref_alternate_logps=None, ref_fo
         seqs = [(answer.input_ids, answer.labels)]
         roles = [ROLE_FORGET]
         unit_pairs, refs = [], []
-        ref_lose = 0.0 if ref_forget_logps is None else float(ref_forget_logps[q])
+        ref_forget = 0.0 if ref_forget_logps is None else float(ref_forget_logps[q])
         for k, p in enumerate(pairs, 1):
             alt = data.alternates[p]
             seqs.append((alt.input_ids, alt.labels))
             roles.append(ROLE_ALTERNATE)
             unit_pairs.append((k, 0))
-            refs.append((0.0 if ref_alternate_logps is None else float(ref_alternate_logps[p]), ref_lose))
+            refs.append((0.0 if ref_chosen_logps is None else float(ref_chosen_logps[p]), ref_forget))
         units.append(PackUnit(seqs, roles, unit_pairs, refs, key=(q, list(pairs))))
     return units
 

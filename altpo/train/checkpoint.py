@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from altpo.model.saving import make_folder_portable
+from altpo.train.finite_weights import check_finite_weights
 
 CHECKPOINTS = "checkpoints"
 STATE_JSON = "trainer_state.json"
@@ -350,3 +351,37 @@ def remove_run_outputs(output_dir: str | Path) -> list[str]:
     from altpo.train.run_manifest import remove_listed
 
     return remove_listed(output_dir)
+
+
+class Checkpoints:
+    """The run's checkpoints: ``save(step)`` writes one through the scale-out strategy (its
+    weights checked finite first, its JSON state saying where the run stands); ``last`` is the
+    newest one written (or resumed from), which error messages name."""
+
+    def __init__(self, scale, out: Path, model, tokenizer, optimizer, config, schedule,
+                 reference_key: str | None, inputs: dict, dist, last: Path | None = None):
+        self.scale, self.out, self.model, self.tokenizer = scale, out, model, tokenizer
+        self.optimizer, self.config, self.schedule = optimizer, config, schedule
+        self.reference_key, self.inputs, self.dist = reference_key, inputs, dist
+        self.last = last
+
+    def state(self, step: int) -> dict:
+        """``state.json``: the step, the schedule, the data position, the settings and inputs."""
+        schedule = self.schedule
+        return {"step": step, "epoch": step / schedule.steps_per_epoch,
+                "total_steps": schedule.total_steps, "warmup_steps": schedule.warmup_steps,
+                "lr_next": schedule.lr_at(step),
+                "data_position": {"epoch": step // schedule.steps_per_epoch,
+                                  "step_in_epoch": step % schedule.steps_per_epoch},
+                "settings": self.config.to_dict(), "reference_key": self.reference_key,
+                "inputs": self.inputs, "master_weights": self.optimizer.mode}
+
+    def save(self, step: int) -> Path | None:
+        """Checkpoint ``step`` (on every process); the folder, or None on a process that wrote
+        nothing (ranks other than 0 without FSDP)."""
+        check_finite_weights(self.model, step, f"checkpoint step-{step:08d}", self.last)
+        path = self.scale.save_checkpoint(self.out, step, self.model, self.tokenizer, self.optimizer,
+                                          self.state(step), self.config.keep_checkpoints or None,
+                                          self.dist)
+        self.last = path or self.last
+        return path

@@ -27,16 +27,23 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+
+from altpo_kernels import linear_logprobs
 
 from altpo.data.packing import pack_micro_batches, sequence_units
 from altpo.errors import UserError
+from altpo.train.reference_cache import ReferenceLogprobs, reusable_reference, save_reference_logprobs
 from altpo.train.sequence_sums import sequence_sums
+from altpo.train.signals import sigterm_interrupts
+from altpo.train.step import backbone, last_hidden_states, output_weight
 from altpo.train.checkpoint import (
     STATE_JSON,
     STATE_TENSORS,
     checkpoint_dir,
     list_checkpoints,
+    restore_rng_state,
     rng_state_tensors,
     save_final_model,
     copy_metrics_history,
@@ -69,10 +76,6 @@ class ShardRoot(nn.Module):
 
     def forward(self, mb, num_pairs=None, num_retain_tokens=None, logprobs_only: bool = False):
         if logprobs_only:
-            from altpo_kernels import linear_logprobs
-
-            from altpo.train.step import last_hidden_states, output_weight
-
             model = self.loss_module.model
             hidden = last_hidden_states(model, mb)
             return linear_logprobs(hidden, output_weight(model), mb.labels,
@@ -81,8 +84,6 @@ class ShardRoot(nn.Module):
 
 
 def decoder_layers(model) -> list[nn.Module]:
-    from altpo.train.step import backbone
-
     layers = getattr(backbone(model), "layers", None)
     if layers is None:
         raise UserError(f"--parallel fsdp: {type(model).__name__} has no decoder layer list "
@@ -218,30 +219,22 @@ def sharded_sequence_logprobs(root: ShardRoot, sequences, *, tokens_per_microbat
 
 def sharded_reference_logprobs(root: ShardRoot, data, key, path: Path, budget, config, dist, say):
     """Like :func:`altpo.train.reference_cache.cached_reference_logprobs`, with the scoring
-    shared by all processes of a sharded model."""
-    from altpo.train.reference_cache import (
-        ReferenceLogprobs,
-        load_reference_logprobs,
-        save_reference_logprobs,
-    )
-
-    ref = load_reference_logprobs(path, key) if dist.rank == 0 else None
-    if dist.broadcast_flag(ref is not None):
-        ref = ref or load_reference_logprobs(path, key)
-        if ref is None:
-            raise UserError(f"reference cache {path} is not readable from rank {dist.rank}; "
-                            "all processes need the same filesystem")
-        say(f"reference log-probs: reusing {path}")
+    shared by all processes of a sharded model. SIGTERM (torchrun passes it to every process)
+    stops it like Ctrl-C: the cache is written atomically, so it is whole or absent."""
+    ref, _ = reusable_reference(path, key, data, dist, say)
+    if ref is not None:
         return ref
     seqs = [(s.input_ids, s.labels) for s in data.forget] + \
            [(s.input_ids, s.labels) for s in data.alternates]
-    logps = sharded_sequence_logprobs(root, seqs, tokens_per_microbatch=budget, rank=dist.rank,
-                                      world=dist.world, device=dist.device)
-    q = len(data.forget)
-    ref = ReferenceLogprobs(logps[:q].clone(), logps[q:].clone(), key, path)
+    with sigterm_interrupts("while the reference log-probs were computed"):
+        logps = sharded_sequence_logprobs(root, seqs, tokens_per_microbatch=budget, rank=dist.rank,
+                                          world=dist.world, device=dist.device)
+        q = len(data.forget)
+        ref = ReferenceLogprobs(logps[:q].clone(), logps[q:].clone(), key, path)
+        if dist.rank == 0:
+            save_reference_logprobs(path, ref, {"model": config.model, "forget_split": config.forget_split,
+                                                "alternates": config.alternates})
     if dist.rank == 0:
-        save_reference_logprobs(path, ref, {"model": config.model, "forget_split": config.forget_split,
-                                            "alternates": config.alternates})
         say(f"reference log-probs: computed {len(seqs)} sequences on {dist.world} processes, "
             f"cached in {path}")
     dist.barrier()
@@ -270,8 +263,6 @@ def save_sharded_checkpoint(output_dir, step: int, *, model, tokenizer, optimize
              checkpoint_id=str(tmp / SHARDS))
     dist.barrier()
     if dist.rank == 0:
-        from safetensors.torch import save_file
-
         model.config.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -301,10 +292,6 @@ def load_sharded_checkpoint(path: Path, *, model, optimizer: ShardedOptimizer) -
     state = {"model": model.state_dict(), "optimizer": _optimizer_template(path / SHARDS, optimizer)}
     dcp.load(state, checkpoint_id=str(path / SHARDS))
     optimizer.load_state_tensors(state["optimizer"])
-    from safetensors.torch import load_file
-
-    from altpo.train.checkpoint import restore_rng_state
-
     restore_rng_state(load_file(str(path / STATE_TENSORS)))
     return json.loads((path / STATE_JSON).read_text())
 

@@ -47,16 +47,19 @@ def method_alternates(config, forget_rows: Sequence[dict]) -> list[list[str]]:
     return [[row["answer"]] for row in forget_rows]
 
 
-def method_units(data, method: str, pair_ids: Sequence[int], ref=None) -> list[PackUnit]:
-    """The packing units of a step's forget side (retain units are the same for every method)."""
-    refs = (ref.alternates, ref.forget) if ref is not None else ()
+def method_units(data, method: str, pair_ids: Sequence[int], ref_chosen=None, ref_forget=None
+                 ) -> list[PackUnit]:
+    """The packing units of a step's forget side (retain units are the same for every method).
+
+    ``ref_chosen`` [P] per pair and ``ref_forget`` [Q] per forget question are the cached
+    reference log-probs (None gives zeros: no reference, or a resident one fills them later)."""
     if get_method(method).pairs:
-        return forget_units(data, pair_ids, *refs)
+        return forget_units(data, pair_ids, ref_chosen, ref_forget)
     units = []
     for p in pair_ids:
         q = data.pair_question[p]
         answer = data.forget[q]
-        r = 0.0 if ref is None else float(ref.forget[q])
+        r = 0.0 if ref_forget is None else float(ref_forget[q])
         units.append(PackUnit([(answer.input_ids, answer.labels)], [ROLE_FORGET], [(0, 0)],
                               [(r, r)], key=(q, [p])))
     return units
@@ -73,9 +76,16 @@ def packed_loss_module(model, config) -> PackedLoss:
                       loss_backend=config.loss_backend)
 
 
-def prepare_step(loss_module, data, method: str, rows, ref) -> list[PackUnit]:
-    """The step's forget units, and (methods normalised by forget tokens) the step's forget-token
-    count."""
+def set_step_normaliser(loss_module, data, method: str, rows) -> None:
+    """Methods normalised by forget tokens: the step's forget-token count, set on the loss module."""
     if get_method(method).normaliser == "forget_tokens":
         loss_module.num_forget_tokens = step_forget_tokens(data, rows.step_pairs)
-    return method_units(data, method, rows.pairs, ref)
+
+
+def prepare_step(loss_module, data, method: str, rows, ref) -> list[PackUnit]:
+    """The step's forget units (this process's share of ``rows``), and (methods normalised by
+    forget tokens) the step's forget-token count. ``ref`` is the cached
+    :class:`~altpo.train.reference_cache.ReferenceLogprobs` or None."""
+    set_step_normaliser(loss_module, data, method, rows)
+    refs = (ref.alternates, ref.forget) if ref is not None else ()
+    return method_units(data, method, rows.pairs, *refs)

@@ -26,9 +26,10 @@ from typing import Callable, Sequence
 
 from torch import nn
 
-from altpo.data.packing import MicroBatch, forget_units, num_loss_tokens, pack_micro_batches, retain_units
+from altpo.data.packing import MicroBatch, num_loss_tokens, pack_micro_batches, retain_units
 from altpo.errors import UserError
-from altpo.train.step import StepStats, StepStatsSum
+from altpo.train.methods import method_units
+from altpo.train.step import StepStats, forward_backward_each
 
 NUMERICS = ("altpo-fast", "open-unlearning")
 
@@ -43,6 +44,13 @@ def check_grouping(batch_size: int, per_device_batch_size: int, world: int) -> N
             f"--per-device-batch-size {per_device_batch_size} x {world} process(es), as open-unlearning's "
             f"effective batch (per-device batch x accumulation steps x processes) is; e.g. --batch-size "
             f"{per_device_batch_size * world * max(1, round(batch_size / (per_device_batch_size * world)))}")
+
+
+def check_memory(optimizer_in_backward: bool) -> None:
+    """The update in backward takes one normaliser for the whole step; the groups have their own."""
+    if optimizer_in_backward:
+        raise UserError("--numerics open-unlearning needs --optimizer-in-backward off (the update in "
+                        "backward takes one normaliser for the whole step)")
 
 
 @dataclass
@@ -66,15 +74,16 @@ def loader_groups(pairs: Sequence[int], retain: Sequence[int], per_device_batch_
 
 def grouped_micro_batches(data, pairs: Sequence[int], retain: Sequence[int], *, per_device_batch_size: int,
                           num_groups: int, tokens_per_microbatch: int, alpha: float,
-                          ref_alternates=None, ref_forget=None) -> list[GroupedMicroBatch]:
+                          ref_alternates=None, ref_forget=None, method: str = "altpo",
+                          ) -> list[GroupedMicroBatch]:
     """This rank's micro-batches, each loader group packed on its own, with its normalisers.
 
-    ``num_groups`` is G, the step's loader micro-batches over all processes.
+    ``num_groups`` is G, the step's loader micro-batches over all processes; ``ref_alternates``
+    [P] and ``ref_forget`` [Q] are the cached reference log-probs (per pair, per forget question).
     """
     out = []
-    refs = (ref_alternates, ref_forget) if ref_alternates is not None else ()
     for group_pairs, group_retain in loader_groups(pairs, retain, per_device_batch_size):
-        units = forget_units(data, group_pairs, *refs)
+        units = method_units(data, method, group_pairs, ref_alternates, ref_forget)
         retain_tokens = 0
         if alpha > 0 and group_retain:
             units += retain_units(data, group_retain)
@@ -92,48 +101,7 @@ def grouped_forward_backward(loss_module: nn.Module, items: Sequence[GroupedMicr
                              forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
                              ) -> StepStats:
     """:func:`altpo.train.step.forward_backward` with per-micro-batch normalisers."""
-    totals = StepStatsSum(device)
-    for i, item in enumerate(items):
-        mb = item.micro_batch.to(device) if device is not None else item.micro_batch
-        if before_forward is not None:
-            mb = before_forward(mb)
-        last = i == len(items) - 1
-        ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
-        with ctx:
-            with forward_context() if forward_context is not None else contextlib.nullcontext():
-                out = loss_module(mb, item.num_pairs, item.num_retain_tokens)
-            (out.loss * loss_scale).backward()
-        totals.add(out, mb)
-    return totals.result()
-
-
-class OpenUnlearningSteps:
-    """What the training loop calls in ``--numerics open-unlearning`` mode."""
-
-    def __init__(self, config, data, world: int):
-        check_grouping(config.batch_size, config.per_device_batch_size, world)
-        self.per_device = config.per_device_batch_size
-        self.num_groups = config.batch_size // config.per_device_batch_size
-        self.alpha, self.data = config.alpha, data
-
-    @staticmethod
-    def check_memory(optimizer_in_backward: bool) -> None:
-        if optimizer_in_backward:
-            raise UserError("--numerics open-unlearning needs --optimizer-in-backward off (the update in "
-                            "backward takes one normaliser for the whole step)")
-
-    def runner(self, rows, ref, budget: int) -> Callable[..., StepStats]:
-        """A stand-in for :func:`altpo.train.step.forward_backward` in this step: it takes the
-        same arguments, ignores the step-level micro-batches and normalisers, and runs the
-        step's loader groups instead."""
-        def run(step_module, _micro_batches, *, num_pairs=None, num_retain_tokens=None, **kwargs):
-            return self.forward_backward(step_module, rows, ref, budget, **kwargs)
-        return run
-
-    def forward_backward(self, step_module, rows, ref, budget: int, **kwargs) -> StepStats:
-        items = grouped_micro_batches(
-            self.data, rows.pairs, rows.retain, per_device_batch_size=self.per_device,
-            num_groups=self.num_groups, tokens_per_microbatch=budget, alpha=self.alpha,
-            ref_alternates=ref.alternates if ref is not None else None,
-            ref_forget=ref.forget if ref is not None else None)
-        return grouped_forward_backward(step_module, items, **kwargs)
+    return forward_backward_each(
+        loss_module, [(i.micro_batch, i.num_pairs, i.num_retain_tokens) for i in items],
+        loss_scale=loss_scale, no_sync=no_sync, device=device, before_forward=before_forward,
+        forward_context=forward_context)

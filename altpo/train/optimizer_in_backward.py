@@ -168,6 +168,30 @@ def _parameter_stages(model, optimizer: MixedPrecisionAdamW) -> list[list[int]]:
     return stages
 
 
+def _forwards(loss_module, micro_batches, num_pairs, num_retain_tokens, device, before_forward,
+              forward_context, expected_cuts: int) -> tuple[list, list, StepStats]:
+    """Every micro-batch's forward, its graph cut at each stage: ``(losses, anchors, stats)``."""
+    losses, anchors = [], []
+    totals = StepStatsSum(device)
+    with _StageCuts(loss_module.model) as cuts:
+        for mb in micro_batches:
+            if device is not None:
+                mb = mb.to(device)
+            if before_forward is not None:
+                mb = before_forward(mb)
+            mb_anchors: list = []
+            ctx = forward_context() if forward_context is not None else contextlib.nullcontext()
+            with cuts.record(mb_anchors), ctx:
+                out = loss_module(mb, num_pairs, num_retain_tokens)
+            losses.append(out.loss)
+            anchors.append(mb_anchors)
+            totals.add(out, mb)
+    if any(len(a) != expected_cuts for a in anchors):
+        raise RuntimeError(f"expected {expected_cuts} stage cuts per micro-batch, got "
+                           f"{[len(a) for a in anchors]}; is the backbone a Llama-style decoder?")
+    return losses, anchors, totals.result()
+
+
 def optimizer_step_in_backward(
     loss_module: PackedAltPOLoss, optimizer: MixedPrecisionAdamW, micro_batches: Sequence[MicroBatch], *,
     num_pairs: float, num_retain_tokens: float, lr: float, max_grad_norm: float | None = 1.0,
@@ -187,26 +211,9 @@ def optimizer_step_in_backward(
                         "not supported with it)")
     model = loss_module.model
     stages = _parameter_stages(model, optimizer)
-    losses, anchors = [], []
-    totals = StepStatsSum(device)
-    with _StageCuts(model) as cuts:
-        for mb in micro_batches:
-            if device is not None:
-                mb = mb.to(device)
-            if before_forward is not None:
-                mb = before_forward(mb)
-            mb_anchors: list = []
-            ctx = forward_context() if forward_context is not None else contextlib.nullcontext()
-            with cuts.record(mb_anchors), ctx:
-                out = loss_module(mb, num_pairs, num_retain_tokens)
-            losses.append(out.loss)
-            anchors.append(mb_anchors)
-            totals.add(out, mb)
-    stats = totals.result()
     expected = len(stages) - 1  # cuts per micro-batch: one per decoder layer and the final norm
-    if any(len(a) != expected for a in anchors):
-        raise RuntimeError(f"expected {expected} stage cuts per micro-batch, got "
-                           f"{[len(a) for a in anchors]}; is the backbone a Llama-style decoder?")
+    losses, anchors, stats = _forwards(loss_module, micro_batches, num_pairs, num_retain_tokens,
+                                       device, before_forward, forward_context, expected)
     if not math.isfinite(stats.loss):
         err = NonFiniteGradientError(float("nan"))
         err.stats = stats

@@ -10,9 +10,8 @@ model's weights (names, dtypes, shapes, bytes), every token and label of the sco
 
 from __future__ import annotations
 
+import copy
 import hashlib
-import signal
-from contextlib import contextmanager
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +21,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from altpo_kernels import linear_logprobs
+
 from altpo.errors import UserError
+from altpo.train.checkpoint import fsync_path
+from altpo.train.methods import needs_reference
+from altpo.train.run_folder import REF_CACHE_NAME
 from altpo.train.sequence_sums import sequence_sums
-from altpo.train.step import sequence_logprobs
+from altpo.train.signals import ReferenceInterrupted, sigterm_interrupts  # noqa: F401 (ReferenceInterrupted: public)
+from altpo.train.step import last_hidden_states, output_weight, sequence_logprobs
 
 if TYPE_CHECKING:
     from altpo.train.config import TrainConfig
@@ -108,8 +113,6 @@ def load_reference_logprobs(path: str | Path, key: str,
 def save_reference_logprobs(path: str | Path, ref: ReferenceLogprobs, extra: dict | None = None) -> None:
     """Write atomically and durably (temporary file, fsync, rename, fsync of the folder), so a
     crash or power loss never leaves half a cache; the metadata holds the tensors' checksum."""
-    from altpo.train.checkpoint import fsync_path
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -149,74 +152,57 @@ def compute_reference_logprobs(model, data, key: str, *, tokens_per_microbatch: 
 def cached_reference_logprobs(model, data, key, path: Path, budget, config, dist, say) -> ReferenceLogprobs:
     """The run's reference log-probs: reused from ``path`` when its key matches, else computed on
     rank 0 with the starting weights, saved, and read back by the other ranks."""
-    # rank 0 decides for everyone: a rank that looked on its own could see the file rank 0 has
-    # just written and skip the barrier the others wait in
-    expected = (len(data.forget), len(data.alternates))
-    ref, why = read_reference_logprobs(path, key, expected) if dist.rank == 0 else (None, None)
-    if dist.broadcast_flag(ref is not None):
-        if ref is None:
-            ref = load_reference_logprobs(path, key, expected)
-        if ref is None:
-            raise UserError(f"reference cache {path} is not readable from rank {dist.rank}; "
-                            "all processes need the same filesystem")
-        say(f"reference log-probs: reusing {path}")
+    ref, why = reusable_reference(path, key, data, dist, say)
+    if ref is not None:
         return ref
     if dist.rank == 0:
         if why:
             say(f"reference log-probs: not reusing {path}: {why}; computing them again")
         n = len(data.forget) + len(data.alternates)
         bar = say.bar(n, "reference log-probs")
-        with _sigterm_interrupts("while the reference log-probs were computed"):
+        with sigterm_interrupts("while the reference log-probs were computed"):
             ref = compute_reference_logprobs(model, data, key, tokens_per_microbatch=budget,
                                              loss_backend=config.loss_backend, progress=bar.update)
-        bar.close()
-        for name, t in (("forget answers", ref.forget), ("alternates", ref.alternates)):
-            if not bool(torch.isfinite(t).all()):
-                raise UserError(f"the starting model's log-probs of {int((~torch.isfinite(t)).sum())} "
-                                f"{name} are NaN or infinite: --model {config.model} cannot serve "
-                                "as the reference (check its weights, or use --dtype fp32)")
-        ref.path = path
-        save_reference_logprobs(path, ref, {"model": config.model, "forget_split": config.forget_split,
-                                            "alternates": config.alternates})
+            bar.close()
+            for name, t in (("forget answers", ref.forget), ("alternates", ref.alternates)):
+                if not bool(torch.isfinite(t).all()):
+                    raise UserError(f"the starting model's log-probs of {int((~torch.isfinite(t)).sum())} "
+                                    f"{name} are NaN or infinite: --model {config.model} cannot serve "
+                                    "as the reference (check its weights, or use --dtype fp32)")
+            ref.path = path
+            save_reference_logprobs(path, ref, {"model": config.model, "forget_split": config.forget_split,
+                                                "alternates": config.alternates})
         say(f"reference log-probs: computed {n} sequences, cached in {path}")
     dist.barrier()
     if dist.rank != 0:
-        ref = load_reference_logprobs(path, key, expected)
-        if ref is None:
-            raise UserError(f"reference cache {path} is not readable from rank {dist.rank}; "
-                            "all processes need the same filesystem")
+        ref = _read_on_this_rank(path, key, data, dist)
     return ref
 
 
-class ReferenceInterrupted(KeyboardInterrupt):
-    """SIGTERM before the first step: nothing to checkpoint; the run stops cleanly."""
+def reusable_reference(path: Path, key: str, data, dist, say) -> tuple[ReferenceLogprobs | None, str | None]:
+    """``(the cached log-probs, None)`` on every rank when the cache at ``path`` holds ``key`` and
+    passes its checks, else ``(None, why rank 0 does not reuse it)``. Rank 0 decides for everyone:
+    a rank that looked on its own could see the file rank 0 has just written and skip the barrier
+    the others wait in."""
+    expected = (len(data.forget), len(data.alternates))
+    ref, why = read_reference_logprobs(path, key, expected) if dist.rank == 0 else (None, None)
+    if not dist.broadcast_flag(ref is not None):
+        return None, why
+    ref = ref or _read_on_this_rank(path, key, data, dist)
+    say(f"reference log-probs: reusing {path}")
+    return ref, None
 
 
-@contextmanager
-def _sigterm_interrupts(where: str):
-    """SIGTERM stops the computation like Ctrl-C (cleanups run, the lock is released) instead of
-    killing the process mid-way; nothing is saved, as no step has run."""
-    def handler(signum, frame):
-        raise ReferenceInterrupted(f"{signal.Signals(signum).name} {where}; no step had run, so "
-                                   "nothing was saved: run the same command again")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def _read_on_this_rank(path: Path, key: str, data, dist) -> ReferenceLogprobs:
+    ref = load_reference_logprobs(path, key, (len(data.forget), len(data.alternates)))
+    if ref is None:
+        raise UserError(f"reference cache {path} is not readable from rank {dist.rank}; "
+                        "all processes need the same filesystem")
+    return ref
 
 
 def resident_reference(ref_model, config: TrainConfig, budget: int):
     """A ``before_forward`` hook that scores each micro-batch's pairs with the resident reference."""
-    from altpo_kernels import linear_logprobs
-
-    from altpo.train.step import last_hidden_states, output_weight
-
     @torch.no_grad()
     def fill(mb):
         if mb.num_pairs == 0:
@@ -225,8 +211,54 @@ def resident_reference(ref_model, config: TrainConfig, budget: int):
         token_logp = linear_logprobs(hidden, output_weight(ref_model), mb.labels,
                                      backend=config.loss_backend)
         per_seq = sequence_sums(token_logp, mb.seq_ids, len(mb.seq_lens))
-        mb.ref_win_logps = per_seq[mb.win_seqs]
-        mb.ref_lose_logps = per_seq[mb.lose_seqs]
+        mb.ref_chosen_logps = per_seq[mb.chosen_seqs]
+        mb.ref_forget_logps = per_seq[mb.forget_seqs]
         return mb
 
     return fill
+
+
+# ------------------------------------------------------------------------------------------------
+# the one place reference log-probs enter a run
+
+
+@dataclass
+class StepReference:
+    """What every step needs of the reference, whatever the run: ``logprobs`` (the cached values,
+    which the packing units carry into each micro-batch) or ``fill`` (a ``before_forward`` hook
+    that scores each micro-batch with a resident copy of the starting model); neither for a
+    method without a reference."""
+
+    logprobs: ReferenceLogprobs | None = None
+    fill: Callable | None = None
+
+    @property
+    def key(self) -> str | None:
+        return self.logprobs.key if self.logprobs is not None else None
+
+    @property
+    def path(self) -> Path | None:
+        return self.logprobs.path if self.logprobs is not None else None
+
+    @property
+    def reused(self) -> bool:
+        return bool(self.logprobs is not None and self.logprobs.reused)
+
+
+def step_reference(config: TrainConfig, scale, model, data, model_hash: str, dtype, budget: int,
+                   out: Path, dist, say) -> StepReference:
+    """The run's reference, with the starting weights (before any update or checkpoint load).
+
+    ``--reference cached``: reused from the cache file when its key matches, else computed and
+    cached; ``scale`` (:class:`~altpo.train.parallel.ScaleOut`) scores them, sharded under FSDP.
+    Otherwise a frozen copy of the model scores every micro-batch as it goes."""
+    if not needs_reference(config.method):
+        return StepReference()
+    if config.reference == "cached":
+        path = Path(config.ref_cache).expanduser() if config.ref_cache else out / REF_CACHE_NAME
+        key = cache_key(model_hash, data.reference_fingerprint(), dtype)
+        return StepReference(logprobs=scale.reference_logprobs(model, data, key, path, budget,
+                                                               config, dist, say))
+    scale.check_resident_reference()
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    return StepReference(fill=resident_reference(ref_model, config, budget))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -83,7 +84,7 @@ def metrics_record(step: int, steps_per_epoch: int, lr: float, stats: StepStats,
         "retain_loss": stats.retain_loss,
         "grad_norm": stats.grad_norm,
         "delta_mean": stats.delta_sum / pairs,
-        "alternate_logp_mean": stats.alternate_logp_sum / pairs,
+        "alternate_logp_mean": stats.chosen_logp_sum / pairs,
         "forget_logp_mean": stats.forget_logp_sum / pairs,
         "tokens": stats.num_tokens,
         "sequences": stats.num_sequences,
@@ -231,3 +232,37 @@ class Printer:
         if result.checkpoint:
             lines.append(f"  checkpoint: {result.checkpoint} (continue with --resume)")
         print("\n".join(lines), flush=True)
+
+
+class StepLog:
+    """What each step leaves: its metrics record in ``metrics.jsonl`` (rank 0), the progress bar,
+    the caller's ``on_step``, and this process's history and throughput."""
+
+    def __init__(self, path: Path, rank: int, bar, on_step=None, device=None):
+        self.path, self.rank, self.bar, self.on_step, self.device = path, rank, bar, on_step, device
+        self.history: list[dict] = []
+        self.tokens, self.seconds = 0, 0.0
+
+    def add(self, step: int, steps_per_epoch: int, lr: float, stats: StepStats, step_time: float) -> dict:
+        """Record step ``step`` (1-based); returns its metrics record."""
+        self.tokens += stats.num_tokens
+        self.seconds += step_time
+        record = metrics_record(step, steps_per_epoch, lr, stats, step_time, self.device)
+        self.history.append(record)
+        if self.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.bar.update(record)
+        if self.on_step is not None:
+            self.on_step(record)
+        return record
+
+    def steps_done(self, start_step: int) -> int:
+        return self.history[-1]["step"] if self.history else start_step
+
+    def result(self, **fields) -> TrainResult:
+        """The run's :class:`TrainResult`: ``fields`` plus this log's history and throughput."""
+        return TrainResult(last_metrics=self.history[-1] if self.history else None,
+                           tokens_per_second=self.tokens / self.seconds if self.seconds else 0.0,
+                           peak_memory_bytes=peak_memory(self.device), history=self.history,
+                           **fields)

@@ -12,10 +12,16 @@ import os
 from pathlib import Path
 
 from altpo.errors import UserError
-from altpo.train.checkpoint import checkpoint_dir, list_checkpoints, metrics_records, usable_checkpoint
+from altpo.train.checkpoint import (
+    checkpoint_dir,
+    list_checkpoints,
+    metrics_records,
+    remove_run_outputs,
+    usable_checkpoint,
+)
 from altpo.train.config import TRAJECTORY_SETTINGS, TrainConfig
 from altpo.train.input_fingerprints import PATH_SETTINGS
-from altpo.train.run_manifest import RUN_MANIFEST, unlisted_model_files
+from altpo.train.run_manifest import RUN_MANIFEST, start_run, unlisted_model_files
 
 REF_CACHE_NAME = "reference_logprobs.safetensors"
 
@@ -154,3 +160,17 @@ def trim_metrics(path: Path, keep_up_to: int) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def start_outputs(out: Path, config: TrainConfig, rank: int, start_step: int) -> None:
+    """Only once everything loaded is anything changed on disk (rank 0): ``--overwrite`` removes
+    the earlier run's outputs, the run manifest and ``config.json`` are written, and on resume the
+    metrics are trimmed to the checkpoint's step."""
+    if rank != 0:
+        return
+    if config.overwrite:
+        remove_run_outputs(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start_run(out)  # the run manifest: what --overwrite may remove later
+    (out / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2))
+    trim_metrics(out / METRICS_NAME, start_step)

@@ -1,4 +1,5 @@
-"""Stopping cleanly: SIGTERM and Ctrl-C finish the step, save a checkpoint and return."""
+"""Stopping cleanly: SIGTERM and Ctrl-C finish the step, save a checkpoint and return; before the
+first step (the reference log-probs) SIGTERM stops like Ctrl-C, with nothing half-written."""
 
 from __future__ import annotations
 
@@ -40,3 +41,26 @@ def stop_signals():
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+class ReferenceInterrupted(KeyboardInterrupt):
+    """SIGTERM before the first step: nothing to checkpoint; the run stops cleanly."""
+
+
+@contextmanager
+def sigterm_interrupts(where: str):
+    """SIGTERM stops the computation like Ctrl-C (cleanups run, the lock is released) instead of
+    killing the process mid-way; nothing is saved, as no step has run."""
+    def handler(signum, frame):
+        raise ReferenceInterrupted(f"{signal.Signals(signum).name} {where}; no step had run, so "
+                                   "nothing was saved: run the same command again")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -73,14 +73,14 @@ class PackedLoss(nn.Module):
     def forward(self, mb: MicroBatch, num_pairs: float, num_retain_tokens: float) -> UnlearningLossOutput:
         spec = self.spec
         hidden = last_hidden_states(self.model, mb)
-        kw = dict(forget_seqs=mb.lose_seqs, retain_seqs=mb.retain_seqs,
+        kw = dict(forget_seqs=mb.forget_seqs, retain_seqs=mb.retain_seqs,
                   num_retain_tokens=max(float(num_retain_tokens), 1.0))
         if spec.pairs:
-            kw["chosen_seqs"] = mb.win_seqs
+            kw["chosen_seqs"] = mb.chosen_seqs
         if spec.uses_reference:
-            kw["ref_forget_logps"] = mb.ref_lose_logps
+            kw["ref_forget_logps"] = mb.ref_forget_logps
             if spec.pairs:
-                kw["ref_chosen_logps"] = mb.ref_win_logps
+                kw["ref_chosen_logps"] = mb.ref_chosen_logps
         if spec.normaliser == "forget_tokens":
             kw["num_forget_tokens"] = max(float(self.num_forget_tokens), 1.0)
         else:
@@ -101,18 +101,19 @@ class StepStats:
     forget_loss: float
     retain_loss: float
     delta_sum: float
-    alternate_logp_sum: float
+    chosen_logp_sum: float
     forget_logp_sum: float
     num_pairs: int
     num_tokens: int
     num_sequences: int
     num_micro_batches: int
     grad_norm: float | None = None
+    stop_requested: bool = False  # (set by the step runner) any process was asked to stop
 
     def as_tensor(self, device) -> torch.Tensor:
         """The summable fields as one float64 vector (for one all-reduce across ranks)."""
         return torch.tensor([self.loss, self.forget_loss, self.retain_loss, self.delta_sum,
-                             self.alternate_logp_sum, self.forget_logp_sum, self.num_pairs,
+                             self.chosen_logp_sum, self.forget_logp_sum, self.num_pairs,
                              self.num_tokens, self.num_sequences, self.num_micro_batches],
                             dtype=torch.float64, device=device)
 
@@ -131,7 +132,7 @@ class StepStatsSum:
 
     def add(self, out, mb: MicroBatch) -> None:
         parts = [out.loss.detach(), out.forget_loss.detach(), out.retain_loss.detach(),
-                 out.delta.sum(), out.win_logps.sum(), out.lose_logps.sum()]
+                 out.score.sum(), out.chosen_logps.sum(), out.forget_logps.sum()]
         self.sums += torch.stack([p.double() for p in parts]).to(self.sums.device)
         self.tokens += mb.num_tokens
         self.sequences += len(mb.seq_lens)
@@ -159,13 +160,27 @@ def forward_backward(loss_module: nn.Module, micro_batches: Sequence[MicroBatch]
     the device (the resident reference fills in its log-probs there). ``forward_context`` wraps
     each forward (not the backward), e.g. to park saved activations in CPU memory.
     """
+    return forward_backward_each(
+        loss_module, [(mb, num_pairs, num_retain_tokens) for mb in micro_batches],
+        loss_scale=loss_scale, no_sync=no_sync, device=device, before_forward=before_forward,
+        forward_context=forward_context)
+
+
+def forward_backward_each(loss_module: nn.Module,
+                          items: Sequence[tuple[MicroBatch, float, float]], *, loss_scale: float = 1.0,
+                          no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+                          device=None, before_forward: Callable[[MicroBatch], MicroBatch] | None = None,
+                          forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+                          ) -> StepStats:
+    """:func:`forward_backward` with normalisers of its own for each micro-batch:
+    ``items`` are ``(micro_batch, num_pairs, num_retain_tokens)``."""
     totals = StepStatsSum(device)
-    for i, mb in enumerate(micro_batches):
+    for i, (mb, num_pairs, num_retain_tokens) in enumerate(items):
         if device is not None:
             mb = mb.to(device)
         if before_forward is not None:
             mb = before_forward(mb)
-        last = i == len(micro_batches) - 1
+        last = i == len(items) - 1
         ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
         with ctx:
             with forward_context() if forward_context is not None else contextlib.nullcontext():

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-import altpo.train.loop
+import altpo.train.step_runner
 from altpo.cli import UserError, main
 from altpo.cli.train import add_arguments, config_from_args
 from altpo.train.config import FIELDS, PRESETS, TrainConfig, resolve_config
@@ -164,7 +164,7 @@ def test_out_of_memory_says_what_to_change(tofu_dir, model_dir, tmp_path, capsys
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(altpo.train.loop, "forward_backward", no_memory)
+    monkeypatch.setattr(altpo.train.step_runner, "forward_backward", no_memory)
     out = tmp_path / "out"
     _fails(capsys, base_settings(tofu_dir, model_dir, out, master_weights="fp32"),
            "ran out of memory", "--tokens-per-microbatch (now 1024)",

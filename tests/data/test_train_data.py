@@ -201,10 +201,10 @@ def test_packing_keeps_units_whole_and_restarts_positions():
         # every pair's sequences are inside the micro-batch, with the unit's reference values
         for unit, base in zip(mb.units, mb.unit_offsets):
             for (w, l), (rw, rl) in zip(unit.pairs, unit.ref_logps):
-                i = mb.win_seqs.tolist().index(base + w)
-                assert mb.lose_seqs[i] == base + l
-                assert mb.ref_win_logps[i].item() == pytest.approx(rw, rel=1e-6)
-                assert mb.ref_lose_logps[i].item() == pytest.approx(rl, rel=1e-6)
+                i = mb.chosen_seqs.tolist().index(base + w)
+                assert mb.forget_seqs[i] == base + l
+                assert mb.ref_chosen_logps[i].item() == pytest.approx(rw, rel=1e-6)
+                assert mb.ref_forget_logps[i].item() == pytest.approx(rl, rel=1e-6)
             for (ids, labels), off in zip(unit.sequences, range(base, base + len(unit.sequences))):
                 first = sum(mb.seq_lens[:off])
                 got = mb.labels[first:first + len(ids)].tolist()

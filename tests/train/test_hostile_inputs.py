@@ -175,6 +175,33 @@ def test_a_signal_during_the_reference_computation_stops_cleanly(base_model, tmp
     assert train(_config(base_model, out, max_steps=2)).completed  # the same command again
 
 
+@pytest.mark.parametrize("where", ["scoring", "writing"])
+def test_sigterm_during_the_sharded_reference_stops_cleanly(base_model, tmp_path, monkeypatch, where):
+    """--parallel fsdp (one process, gloo): SIGTERM while the shards score the reference, or right
+    after the cache's temporary file is written, stops the run with nothing (half-)written."""
+    import altpo.train.fsdp as fsdp
+    import altpo.train.reference_cache as rc
+
+    module, name = (fsdp, "sharded_sequence_logprobs") if where == "scoring" else (rc, "save_file")
+    real = getattr(module, name)
+
+    def signalled(*args, **kwargs):
+        if where == "scoring":
+            os.kill(os.getpid(), signal.SIGTERM)
+        result = real(*args, **kwargs)
+        if where == "writing":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(module, name, signalled)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM while the reference log-probs were computed"):
+        train(_config(base_model, out, max_steps=2, parallel="fsdp"))
+    monkeypatch.undo()
+    assert not out.exists() or not [p for p in out.iterdir() if p.name != ".altpo-train.lock"]
+    assert train(_config(base_model, out, max_steps=2, parallel="fsdp")).completed  # again
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_during_the_first_checkpoint_write_saves_and_resumes(base_model, tmp_path,
                                                                       monkeypatch, sig):
