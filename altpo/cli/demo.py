@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from altpo.cli.flags import add_flags, apply_threads, overwrite_setting, setting, settings_from_args
+from altpo.cli.flags import add_flags, overwrite_setting, setting, settings_from_args
 from altpo.errors import UserError
 
 

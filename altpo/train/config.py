@@ -1,4 +1,4 @@
-"""Every setting of ``altpo-fast train``, in sections; its presets; how flags, YAML and presets combine.
+"""Every setting of ``altpo-fast train``, in sections; presets; how flags, YAML and presets combine.
 
 The settings come in sections, one dataclass each (:class:`InputSettings`, :class:`StepSettings`,
 :class:`OptimSettings`, :class:`RuntimeSettings`, :class:`ScaleOutSettings`,
@@ -48,7 +48,8 @@ def _s(default, help: str, *, group: str, trajectory: bool, choices=None, metava
     weights a run reaches (a resumed run must agree on those). ``at_least``/``positive``/``nonneg``:
     the range its section checks (floats are also checked to be finite)."""
     return setting(default, help, group=group, choices=choices, metavar=metavar, kind=kind,
-                   old_values=old_values, trajectory=trajectory, at_least=at_least, positive=positive, nonneg=nonneg)
+                   old_values=old_values, trajectory=trajectory, at_least=at_least,
+                   positive=positive, nonneg=nonneg)
 
 
 class _Section:
@@ -100,34 +101,41 @@ class InputSettings(_Section):
     """Model, data and output folder: what the run reads and where it writes."""
 
     model: str | None = _s(None, "Model to unlearn, also the frozen reference: a save_pretrained "
-                           "folder or a hub id. Required.", group="model and data", metavar="DIR|ID", trajectory=True)
+                           "folder or a hub id. Required.", group="model and data",
+                           metavar="DIR|ID", trajectory=True)
     tokenizer: str | None = _s(None, "Tokenizer folder or hub id (default: the model's). It needs a "
-                               "chat template.", group="model and data", metavar="DIR|ID", trajectory=True)
+                               "chat template.", group="model and data", metavar="DIR|ID",
+                               trajectory=True)
     data: str = _s("locuslab/TOFU", "TOFU data: a local folder of JSON Lines split files "
                    "(<split>.json, e.g. fixtures/tofu) or a hub dataset id.",
                    group="model and data", metavar="DIR|ID", trajectory=True)
     forget_split: str = _s("forget10", "Forget split name (forget01, forget05, forget10).",
                            group="model and data", metavar="NAME", trajectory=True)
     retain_split: str = _s("retain90", "Retain split name (the complement of the forget split: "
-                           "retain99, retain95, retain90).", group="model and data", metavar="NAME", trajectory=True)
+                           "retain99, retain95, retain90).", group="model and data",
+                           metavar="NAME", trajectory=True)
     alternates: str | None = _s(None, "Alternate answers: JSON Lines with question, answer and "
                                 "alternate (or sub_answer), K rows per forget question (make them "
                                 "with `altpo-fast generate-alternates`). Required.",
                                 group="model and data", metavar="FILE", trajectory=True)
     max_forget_rows: int | None = _s(None, "Use only the first N forget questions (quick trials).",
-                                     group="model and data", metavar="N", trajectory=True, at_least=1)
+                                     group="model and data", metavar="N", trajectory=True,
+                                     at_least=1)
     max_retain_rows: int | None = _s(None, "Use only the first N retain rows (quick trials).",
-                                     group="model and data", metavar="N", trajectory=True, at_least=1)
+                                     group="model and data", metavar="N", trajectory=True,
+                                     at_least=1)
     system_prompt: str = _s(DEFAULT_SYSTEM_PROMPT, "System prompt of the chat template "
                             "(empty string: no system message).", group="model and data",
                             metavar="TEXT", trajectory=True)
     date_string: str = _s(DEFAULT_DATE_STRING, "Value of the chat template's date_string "
                           "variable.", group="model and data", metavar="TEXT", trajectory=True)
     max_length: int = _s(512, "Cut sequences (prompt + answer) to this many tokens; the run "
-                         "reports how many were cut.", group="model and data", metavar="N", trajectory=True, at_least=1)
+                         "reports how many were cut.", group="model and data", metavar="N",
+                         trajectory=True, at_least=1)
     output: str | None = _s(None, "Output folder: final model (loads with "
                             "AutoModelForCausalLM.from_pretrained), checkpoints/, metrics.jsonl, "
-                            "reference cache. Required.", group="model and data", metavar="DIR", trajectory=False)
+                            "reference cache. Required.", group="model and data", metavar="DIR",
+                            trajectory=False)
     idk_answers: str | None = _s(None, "For a method whose chosen answers are \"I don't know\" "
                                  "variants: those answers, one per line (one is drawn per forget "
                                  "row with --seed). Default: idontknow.jsonl in the --data folder.",
@@ -147,14 +155,16 @@ class StepSettings(_Section):
                                     "memory (with the checkpointing and master-weights settings); "
                                     f"on a CPU a fixed {DEFAULT_CPU_TOKENS_PER_MICROBATCH} (raised "
                                     "to the largest forget group when that is longer).",
-                                    group="step", metavar="N|auto", kind="auto_int", trajectory=False)
+                                    group="step", metavar="N|auto", kind="auto_int",
+                                    trajectory=False)
     beta: float | None = _s(None, "Inverse temperature of the forget term. " + setting_help("beta"),
                             group="step", metavar="X", trajectory=True, positive=True)
     alpha: float | None = _s(None, "Weight of the retain NLL term. " + setting_help("alpha"),
                              group="step", metavar="X", trajectory=True, nonneg=True)
     gamma: float | None = _s(None, "Weight of the forget term. " + setting_help("gamma"),
                              group="step", metavar="X", trajectory=True, nonneg=True)
-    method: str = _s("altpo", method_help(), group="step", metavar="NAME|FILE.py:NAME", trajectory=True)
+    method: str = _s("altpo", method_help(), group="step", metavar="NAME|FILE.py:NAME",
+                     trajectory=True)
     delta: float | None = _s(None, "Margin delta of the forget term. " + setting_help("delta"),
                              group="step", metavar="X", trajectory=True)
     method_settings: str | None = _s(None, "Settings of your own method beyond beta/alpha/gamma/"
@@ -177,11 +187,13 @@ class StepSettings(_Section):
 class OptimSettings(_Section):
     """The optimiser, its schedule and the weights' precision."""
 
-    lr: float = _s(1e-5, "Peak learning rate (AdamW).", group="optimisation", trajectory=True, positive=True)
+    lr: float = _s(1e-5, "Peak learning rate (AdamW).", group="optimisation", trajectory=True,
+                   positive=True)
     epochs: float = _s(5.0, "Epochs over the forget pairs (an epoch is pairs // batch-size steps).",
                        group="optimisation", trajectory=True, positive=True)
     max_steps: int | None = _s(None, "Stop after this many optimizer steps (overrides --epochs for "
-                               "the schedule's length).", group="optimisation", metavar="N", trajectory=True, at_least=1)
+                               "the schedule's length).", group="optimisation", metavar="N",
+                               trajectory=True, at_least=1)
     warmup_epochs: float = _s(1.0, "Linear warm-up length in epochs, then linear decay to 0 (HF's "
                               "linear schedule: with warm-up, the first step's rate is 0).",
                               group="optimisation", trajectory=True, nonneg=True)
@@ -192,7 +204,8 @@ class OptimSettings(_Section):
     adam_eps: float = _s(1e-8, "AdamW epsilon.", group="optimisation", trajectory=True)
     max_grad_norm: float = _s(1.0, "Clip the global gradient norm to this (0: no clipping).",
                               group="optimisation", trajectory=True, nonneg=True)
-    seed: int = _s(0, "Seed of the data order, the retain draws and torch.", group="optimisation", trajectory=True)
+    seed: int = _s(0, "Seed of the data order, the retain draws and torch.", group="optimisation",
+                   trajectory=True)
     dtype: str = _s("auto", "Weight dtype for training. auto: bf16 on CUDA, fp32 on CPU.",
                     group="optimisation", choices=("auto", "bf16", "fp32"), trajectory=True,
                     old_values=OLD_DTYPE_NAMES)
@@ -206,7 +219,8 @@ class OptimSettings(_Section):
                                      "activation memory: on, off, offload (as on, and the kept "
                                      "layer inputs wait in pinned CPU memory), auto (the memory "
                                      "planner decides on a GPU; off on a CPU).",
-                                     group="optimisation", choices=("auto", "on", "off", "offload"), trajectory=False)
+                                     group="optimisation",
+                                     choices=("auto", "on", "off", "offload"), trajectory=False)
     optimizer_in_backward: str = _s("auto", "Update each parameter inside backward, as soon as its "
                                     "gradient is complete, and free that gradient: a step holds one "
                                     "decoder layer's gradients instead of the whole model's (2 "
@@ -216,7 +230,8 @@ class OptimSettings(_Section):
                                     "a step costs one extra backward. Same weights as off, to "
                                     "rounding. on, off, auto (the memory planner decides on a GPU; "
                                     "off on a CPU). Not with several processes (torchrun).",
-                                    group="optimisation", choices=("auto", "on", "off"), trajectory=False)
+                                    group="optimisation", choices=("auto", "on", "off"),
+                                    trajectory=False)
 
     def check(self) -> None:
         for name in ("adam_beta1", "adam_beta2"):
@@ -235,7 +250,8 @@ class RuntimeSettings(_Section):
                         choices=("cached", "resident"), trajectory=True)
     ref_cache: str | None = _s(None, "Reference log-prob cache file (default: "
                                "OUTPUT/reference_logprobs.safetensors). Point several runs at one "
-                               "file to share it.", group="reference and device", metavar="FILE", trajectory=False)
+                               "file to share it.", group="reference and device", metavar="FILE",
+                               trajectory=False)
     attention: str = _s("auto", "Packed attention: flash (flash_attn varlen), torch-varlen "
                         "(torch.nn.attention.varlen), sdpa (per-sequence SDPA, any device); auto "
                         "picks the first available in that order.", group="reference and device",
@@ -265,7 +281,8 @@ class ScaleOutSettings(_Section):
     lora_rank: int = _s(0, "Train LoRA adapters of this rank (through peft) instead of every "
                         "weight (0: full-parameter training). The reference is the base model.",
                         group="scale-out", metavar="R", trajectory=True, nonneg=True)
-    lora_alpha: float = _s(0.0, "LoRA scaling alpha (0: twice the rank).", group="scale-out", trajectory=True, nonneg=True)
+    lora_alpha: float = _s(0.0, "LoRA scaling alpha (0: twice the rank).", group="scale-out",
+                           trajectory=True, nonneg=True)
     lora_targets: str = _s("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                            "Comma-separated module names that get LoRA adapters.",
                            group="scale-out", metavar="NAMES", trajectory=True)
@@ -296,14 +313,17 @@ class CheckpointSettings(_Section):
                          "position) every N steps (0: only on interruption).",
                          group="checkpoints and output", metavar="N", trajectory=False, nonneg=True)
     keep_checkpoints: int = _s(2, "Keep the newest N checkpoints (0: keep all).",
-                               group="checkpoints and output", metavar="N", trajectory=False, nonneg=True)
+                               group="checkpoints and output", metavar="N", trajectory=False,
+                               nonneg=True)
     resume: bool = _s(False, "Continue from the latest checkpoint in --output (same settings); "
                       "reaches the weights an uninterrupted run reaches.",
                       group="checkpoints and output", trajectory=False)
     overwrite: bool = _s(False, "Start over in an --output folder that holds an earlier run "
                          "(its model, checkpoints and metrics are deleted; the reference cache "
-                         "is kept and reused when it matches).", group="checkpoints and output", trajectory=False)
-    quiet: bool = _s(False, "No progress bar or summary; errors only.", group="checkpoints and output", trajectory=False)
+                         "is kept and reused when it matches).", group="checkpoints and output",
+                         trajectory=False)
+    quiet: bool = _s(False, "No progress bar or summary; errors only.",
+                     group="checkpoints and output", trajectory=False)
 
     def check(self) -> None:
         if self.resume and self.overwrite:
@@ -328,10 +348,12 @@ class ParitySettings(_Section):
                                       "metric groups (forget, retain, ra, wf, mia, gradnorm, "
                                       "memorization) on all processes, sharded, into "
                                       "OUTPUT/evals/epoch-N/ (TOFU_EVAL.json, TOFU_SUMMARY.json).",
-                                      group="checkpoints and output", metavar="GROUPS", trajectory=False)
+                                      group="checkpoints and output", metavar="GROUPS",
+                                      trajectory=False)
     eval_retain_logs: str | None = _s(None, "The retain model's TOFU_EVAL.json (or its folder) for "
                                       "forget_quality and privleak in --eval-every-epoch.",
-                                      group="checkpoints and output", metavar="PATH", trajectory=False)
+                                      group="checkpoints and output", metavar="PATH",
+                                      trajectory=False)
     eval_max_rows: int | None = _s(None, "--eval-every-epoch on the first N rows of each split only "
                                    "(quick, not comparable with published numbers).",
                                    group="checkpoints and output", metavar="N", trajectory=False)
