@@ -57,8 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               "batch 32, 10 epochs; docs/methods.md); they need --output only.")
     general.add_argument("--config", metavar="FILE.yaml", default=None,
                          help="YAML file of settings (names as below with _ or -, at the top level "
-                              "or under their section, and optionally preset). Command-line flags "
-                              "override it.")
+                              "or under their section as --print-config shows them, and optionally "
+                              "preset). Command-line flags override it.")
     general.add_argument("--print-config", action="store_true",
                          help="Print the resolved settings as YAML (usable with --config) and exit.")
     groups = {title: parser.add_argument_group(title) for title in _GROUP_TITLES}

@@ -136,15 +136,11 @@ class InputSettings(_Section):
                             "AutoModelForCausalLM.from_pretrained), checkpoints/, metrics.jsonl, "
                             "reference cache. Required.", group="model and data", metavar="DIR",
                             trajectory=False)
-    idk_answers: str | None = _s(None, "For a method whose chosen answers are \"I don't know\" "
-                                 "variants: those answers, one per line (one is drawn per forget "
-                                 "row with --seed). Default: idontknow.jsonl in the --data folder.",
-                                 group="model and data", metavar="FILE", trajectory=True)
 
 
 @dataclass
 class StepSettings(_Section):
-    """One optimizer step: its size, the unlearning method and its settings."""
+    """One optimizer step: its size, the unlearning method, its settings and its idk answers."""
 
     batch_size: int = _s(32, "Forget pairs (alternate + forget answer) per optimizer step, over "
                          "all processes; as many random retain rows are added.", group="step",
@@ -170,6 +166,10 @@ class StepSettings(_Section):
     method_settings: str | None = _s(None, "Settings of your own method beyond beta/alpha/gamma/"
                                      "delta: NAME=X[,NAME=X] (its defaults otherwise).",
                                      group="step", metavar="NAME=X,...", trajectory=True)
+    idk_answers: str | None = _s(None, "For a method whose chosen answers are \"I don't know\" "
+                                 "variants: those answers, one per line (one is drawn per forget "
+                                 "row with --seed). Default: idontknow.jsonl in the --data folder.",
+                                 group="model and data", metavar="FILE", trajectory=True)
 
     def check(self) -> None:
         fill_method_defaults(self)  # unlearning method: its beta/alpha/gamma/delta when unset
