@@ -1,8 +1,10 @@
 """``altpo-fast``: one entry point, one module per command.
 
 Each command module defines ``add_arguments(parser)`` and ``run(args) -> int`` and a module
-docstring whose first line is the command's one-line help. Modules are imported only for the
-command being run (and for ``--help``), so ``altpo-fast plan`` does not pay for the trainer.
+docstring whose first line is the command's one-line help. A command module imports no torch or
+transformers at module level (its ``run`` does), and :func:`main` adds the flags of the command
+being run only, so ``altpo-fast --help`` and ``altpo-fast train --help`` answer without loading
+torch, and ``altpo-fast plan`` does not pay for the trainer.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ COMMANDS = {
 from altpo.errors import UserError  # noqa: F401  (re-exported: ``from altpo.cli import UserError``)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; with ``only``, the flags of that command alone (the others
+    keep their one-line help; their flags are added when they run)."""
     parser = argparse.ArgumentParser(
         prog="altpo-fast",
         description="Fast, lean AltPO unlearning: train, plan memory, evaluate on TOFU, "
@@ -41,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
             description=doc,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        module.add_arguments(p)
+        if only is None or only == name:
+            module.add_arguments(p)
         p.set_defaults(_module=module)
         parser.commands[name] = p
     return parser
@@ -50,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from altpo.cli.flags import unknown_flags_error
 
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=next((w for w in words if not w.startswith("-")), ""))
     args, extra = parser.parse_known_args(argv)
     if extra:  # answered by the command's own parser: its usage, and a did-you-mean
         unknown_flags_error(parser.commands.get(getattr(args, "command", None), parser), extra)

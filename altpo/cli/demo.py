@@ -21,48 +21,60 @@ Exit status 0 when forgetting held (for every method with --compare), 1 when it 
 
 from __future__ import annotations
 
-from altpo_kernels.methods import REGISTRY
+from dataclasses import dataclass
 
-from altpo.demo.methods import COMPARE_METHODS
-from altpo.cli.flags import add_overwrite
+from altpo.cli.flags import add_flags, overwrite_setting, setting, settings_from_args
 from altpo.errors import UserError
 
 
+def _s(default, help: str, **kw):
+    return setting(default, help, show_default=False, **kw)  # the help says the default
+
+
+def demo_settings():
+    """The settings of ``altpo-fast demo`` (built on use: the method list needs the registry)."""
+    from altpo.demo.methods import COMPARE_METHODS
+    from altpo.train.method_settings import builtin_methods
+
+    @dataclass
+    class DemoSettings:
+        output: str = _s("altpo-demo", "folder for everything the demo writes (default: "
+                         "./altpo-demo); it must be new or empty unless --overwrite is given",
+                         metavar="DIR")
+        overwrite: bool = overwrite_setting("use a non-empty --output folder: the demo's own files "
+                                            "and folders in it are replaced, nothing else is touched")
+        seed: int = _s(0, "seed of the data, model initialisation, data order and sampling "
+                       "(default 0)")
+        small: bool = _s(False, "the small preset: 20 authors instead of 40 (about half the time; "
+                         "what the tests run)")
+        threads: int = _s(1, "torch CPU threads (default 1: the models are so small that more "
+                          "threads gain little, and on busy cores they wait on each other)",
+                          metavar="N")
+        method: str = _s("altpo", "unlearning method (default altpo; docs/methods.md), with the "
+                         "demo's recipe for it", choices=list(builtin_methods()))
+        compare: bool = _s(False, f"run {', '.join(COMPARE_METHODS)} from the same full model and "
+                           "plot their TOFU metrics side by side (demo_compare.png); about three "
+                           "minutes more than one method")
+        quiet: bool = _s(False, "no progress bars, stage lines or report; errors only (the results "
+                         "are in demo_summary.json, the exit status says whether forgetting held)")
+
+    return DemoSettings
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--output", default="altpo-demo", metavar="DIR",
-                        help="folder for everything the demo writes (default: ./altpo-demo); it "
-                        "must be new or empty unless --overwrite is given")
-    add_overwrite(parser, "use a non-empty --output folder: the demo's own files and folders in "
-                  "it are replaced, nothing else is touched", dest="force")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the data, model initialisation, data order and sampling "
-                        "(default 0)")
-    parser.add_argument("--small", action="store_true",
-                        help="the small preset: 20 authors instead of 40 (about half the time; "
-                        "what the tests run)")
-    parser.add_argument("--threads", type=int, default=1, metavar="N",
-                        help="torch CPU threads (default 1: the models are so small that more "
-                        "threads gain little, and on busy cores they wait on each other)")
-    parser.add_argument("--method", default="altpo", choices=list(REGISTRY),
-                        help="unlearning method (default altpo; docs/methods.md), with the "
-                        "demo's recipe for it")
-    parser.add_argument("--compare", action="store_true",
-                        help=f"run {', '.join(COMPARE_METHODS)} from the same full model and plot "
-                        "their TOFU metrics side by side (demo_compare.png); about three minutes "
-                        "more than one method")
-    parser.add_argument("--quiet", action="store_true",
-                        help="no progress bars, stage lines or report; errors only (the results "
-                        "are in demo_summary.json, the exit status says whether forgetting held)")
+    add_flags(parser, demo_settings())
 
 
 def run(args) -> int:
+    from altpo.demo.methods import COMPARE_METHODS
     from altpo.demo.run import DemoError, run_demo
 
+    args = settings_from_args(demo_settings(), args)
     if args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
     try:
         summary = run_demo(args.output, preset="small" if args.small else "default",
-                           seed=args.seed, force=args.force, progress=not args.quiet,
+                           seed=args.seed, force=args.overwrite, progress=not args.quiet,
                            verbose=not args.quiet, threads=args.threads, method=args.method,
                            compare=COMPARE_METHODS if args.compare else None)
     except DemoError as err:

@@ -23,55 +23,65 @@ processes; the result equals the single-process one and rank 0 writes it.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+from altpo.cli.flags import (add_flags, apply_threads, date_string_setting, device_setting,
+                             dtype_setting, overwrite_setting, setting, settings_from_args,
+                             system_prompt_setting, threads_setting)
 from altpo.errors import UserError
-from altpo.model.loading import add_model_arguments, check_model_source, load_model_and_tokenizer
+from altpo.model.loading import check_model_source, load_model_and_tokenizer
 
 GROUPS = ("forget", "retain", "ra", "wf", "mia", "gradnorm", "memorization", "reference")
 DEFAULT_GROUPS = GROUPS[:-1]
 NUMERICS = ("altpo-fast", "open-unlearning")
 
 
+def _s(default, help: str, **kw):
+    return setting(default, help, show_default=False, **kw)  # the help says the default
+
+
+@dataclass
+class EvalSettings:
+    """The settings of ``altpo-fast eval``, one flag each."""
+
+    model: str = _s(None, "model folder (save_pretrained output) or hub id", required=True)
+    tokenizer: str | None = _s(None, "tokenizer folder or hub id, when it is not saved with the model")
+    data: str = _s(None, "folder of TOFU JSON Lines files (e.g. fixtures/tofu) or a hub id "
+                   "(locuslab/TOFU)", required=True)
+    forget_split: str = _s("forget10", "forget split: forget01, forget05 or forget10 (default forget10)")
+    holdout_split: str | None = _s(None, "holdout split for the MIA metrics (default: the forget "
+                                   "split's name with 'forget' replaced by 'holdout')")
+    retain_logs: str | None = _s(None, "folder (or file) with the retain model's TOFU_EVAL.json, for "
+                                 "forget_quality and privleak; without it those two are skipped")
+    output: str = _s(None, "folder to write TOFU_EVAL.json and TOFU_SUMMARY.json to", required=True)
+    metrics: str | None = _s(None, f"comma-separated metric groups to compute, from {', '.join(GROUPS)} "
+                             "(default: all but reference; reference too when --reference-model is given)")
+    reference_model: str | None = _s(None, "second model for mia_reference (its loss is subtracted "
+                                     "from this model's; open-unlearning uses the retain model); it "
+                                     "must share the tokenizer")
+    numerics: str = _s("altpo-fast", "altpo-fast (default): padding masked by position. "
+                       "open-unlearning: every token equal to the pad token masked out of attention, "
+                       "as its collator does (pad = eos masks each in-sequence end-of-turn token), to "
+                       "compare with its published logs", choices=NUMERICS)
+    batch_size: int = _s(16, "sequences per forward pass and prompts per generate call (default 16)")
+    max_new_tokens: int = _s(200, "greedy generation budget for the ROUGE metrics (default 200)")
+    max_rows: int | None = _s(None, "use only the first N rows of every split (a quick check, not "
+                              "comparable with published numbers)")
+    device: str = device_setting()
+    dtype: str = dtype_setting()
+    system_prompt: str = system_prompt_setting()
+    date_string: str = date_string_setting()
+    overwrite: bool = overwrite_setting("replace TOFU_EVAL.json / TOFU_SUMMARY.json already in --output")
+    quiet: bool = _s(False, "no progress bars")
+    threads: int | None = threads_setting()
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="model folder (save_pretrained output) or hub id")
-    parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer folder or hub id, when it is not saved with the model")
-    parser.add_argument("--data", required=True,
-                        help="folder of TOFU JSON Lines files (e.g. fixtures/tofu) or a hub id (locuslab/TOFU)")
-    parser.add_argument("--forget-split", default="forget10",
-                        help="forget split: forget01, forget05 or forget10 (default forget10)")
-    parser.add_argument("--holdout-split", default=None,
-                        help="holdout split for the MIA metrics (default: the forget split's name with "
-                        "'forget' replaced by 'holdout')")
-    parser.add_argument("--retain-logs", default=None,
-                        help="folder (or file) with the retain model's TOFU_EVAL.json, for forget_quality "
-                        "and privleak; without it those two are skipped")
-    parser.add_argument("--output", required=True, help="folder to write TOFU_EVAL.json and TOFU_SUMMARY.json to")
-    parser.add_argument("--metrics", default=None,
-                        help=f"comma-separated metric groups to compute, from {', '.join(GROUPS)} (default: "
-                        "all but reference; reference too when --reference-model is given)")
-    parser.add_argument("--reference-model", default=None,
-                        help="second model for mia_reference (its loss is subtracted from this model's; "
-                        "open-unlearning uses the retain model); it must share the tokenizer")
-    parser.add_argument("--numerics", default="altpo-fast", choices=NUMERICS,
-                        help="altpo-fast (default): padding masked by position. open-unlearning: every token "
-                        "equal to the pad token masked out of attention, as its collator does (pad = eos "
-                        "masks each in-sequence end-of-turn token), to compare with its published logs")
-    parser.add_argument("--batch-size", type=int, default=16,
-                        help="sequences per forward pass and prompts per generate call (default 16)")
-    parser.add_argument("--max-new-tokens", type=int, default=200,
-                        help="greedy generation budget for the ROUGE metrics (default 200)")
-    parser.add_argument("--max-rows", type=int, default=None,
-                        help="use only the first N rows of every split (a quick check, not comparable "
-                        "with published numbers)")
-    add_model_arguments(parser)
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace TOFU_EVAL.json / TOFU_SUMMARY.json already in --output")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_flags(parser, EvalSettings)
 
 
-def _check(args) -> list[str]:
+def _check(args: EvalSettings) -> list[str]:
     """Every user-fixable problem, before the model loads."""
     from altpo.eval.tofu import check_tofu_source, load_retain_logs, required_splits
 
@@ -140,34 +150,36 @@ def _check_retain_logs_split(logs, args, groups) -> None:
 def run(args) -> int:
     from altpo.progress import interactive, third_party_bars
 
-    with third_party_bars(not args.quiet and interactive()):  # --quiet: no third-party bars either
-        return _run_with_lock(args)
+    settings = settings_from_args(EvalSettings, args)
+    with third_party_bars(not settings.quiet and interactive()):  # --quiet: no third-party bars either
+        return _run_with_lock(settings, getattr(args, "_argv", None))
 
 
-def _run_with_lock(args) -> int:
+def _run_with_lock(args: EvalSettings, command) -> int:
     """Rank 0 (the only process, or torchrun's first) holds the output folder's eval lock from
     before the model loads until the results are written; under it the output is checked again."""
     from altpo.eval.output import check_output, lock_output, unlock_output
 
     groups = _check(args)
     if int(os.environ.get("RANK", "0")) != 0:
-        return _run(args, groups)
+        return _run(args, groups, command)
     out = Path(os.path.expanduser(args.output))
     created = not out.exists()
     fd = lock_output(out)
     try:
         check_output(out, args.overwrite)  # another eval may have finished since the check above
-        return _run(args, groups)
+        return _run(args, groups, command)
     finally:
         unlock_output(out, fd, remove_folder=created)
 
 
-def _run(args, groups) -> int:
+def _run(args: EvalSettings, groups, command) -> int:
     from altpo.eval.output import provenance
     from altpo.eval.sharding import join_process_group
     from altpo.eval.tofu import TofuDataError, evaluate_tofu
     from altpo.train.report import transformers_bars
 
+    apply_threads(args.threads)  # after the checks: torch loads here
     device = _process_device(args.device)
     with transformers_bars(enabled=not args.quiet):
         model, tokenizer = load_model_and_tokenizer(args.model, device=device, dtype=args.dtype,
@@ -188,7 +200,7 @@ def _run(args, groups) -> int:
                 "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
                 "retain_logs": args.retain_logs, "reference_model": args.reference_model,
                 "system_prompt": args.system_prompt, "date_string": args.date_string},
-            command=getattr(args, "_argv", None))
+            command=command)
     try:
         evaluate_tofu(
             model, tokenizer, args.data, args.forget_split, retain_logs=args.retain_logs,

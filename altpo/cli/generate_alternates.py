@@ -18,57 +18,71 @@ written with other settings is only replaced with --overwrite.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from altpo.eval.alternates import (
-    ALTERNATE_PROMPT,
-    AlternatesOutputExists,
-    alternates_settings,
-    unique_pairs,
-    check_resumable,
-    generate_alternates,
-)
-from altpo.cli.flags import add_overwrite
+from altpo.cli.flags import (add_flags, apply_threads, date_string_setting, device_setting,
+                             dtype_setting, overwrite_setting, setting, settings_from_args,
+                             system_prompt_setting, threads_setting)
 from altpo.errors import UserError
-from altpo.model.loading import add_model_arguments, check_model_source, load_model_and_tokenizer
-from altpo.data.tofu import ChatFormat, load_tofu_split
+from altpo.model.loading import check_model_source, load_model_and_tokenizer
+
+
+def _s(default, help: str, **kw):
+    return setting(default, help, show_default=False, **kw)  # the help says the default
+
+
+@dataclass
+class AlternatesSettings:
+    """The settings of ``altpo-fast generate-alternates``, one flag each."""
+
+    model: str = _s(None, "the starting model (finetuned on the full set): folder or hub id",
+                    required=True)
+    tokenizer: str | None = _s(None, "tokenizer folder or hub id, when not saved with the model")
+    data: str = _s(None, "folder of TOFU JSON Lines files (e.g. fixtures/tofu) or a hub id "
+                   "(locuslab/TOFU)", required=True)
+    forget_split: str = _s("forget10", "forget split to answer (default forget10)")
+    k: int = _s(5, "alternates per question (default 5)")
+    seed: int = _s(0, "random seed (default 0)")
+    output: str = _s(None, "JSON Lines file to write (question, answer, alternate)", required=True)
+    overwrite: bool = overwrite_setting("replace --output even if it was written with other settings")
+    batch_size: int = _s(32, "sequences per generate call; batch_size // k questions per batch "
+                         "(default 32)")
+    max_new_tokens: int = _s(200, "longest alternate in tokens (default 200)")
+    temperature: float = _s(1.0, "sampling temperature (default 1.0)")
+    top_p: float = _s(1.0, "nucleus sampling mass (default 1.0: off)")
+    max_retries: int = _s(5, "rounds of resampling for alternates that repeat the true answer "
+                          "(default 5)")
+    max_rows: int | None = _s(None, "only the first N forget questions (quick runs)")
+    prompt: str = _s("altpo-fast", "altpo-fast (default): the chat template, asking for the same "
+                     "form with the facts changed. open-unlearning: its generate.py prompt and stop "
+                     "strings, exactly (its Llama-3 text template; --system-prompt and --date-string "
+                     "are then unused)", choices=("altpo-fast", "open-unlearning"))
+    device: str = device_setting()
+    dtype: str = dtype_setting()
+    system_prompt: str = system_prompt_setting()
+    date_string: str = date_string_setting()
+    quiet: bool = _s(False, "no progress bar")
+    threads: int | None = threads_setting()
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="the starting model (finetuned on the full set): folder or hub id")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id, when not saved with the model")
-    parser.add_argument("--data", required=True,
-                        help="folder of TOFU JSON Lines files (e.g. fixtures/tofu) or a hub id (locuslab/TOFU)")
-    parser.add_argument("--forget-split", default="forget10", help="forget split to answer (default forget10)")
-    parser.add_argument("--k", type=int, default=5, help="alternates per question (default 5)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--output", required=True, help="JSON Lines file to write (question, answer, alternate)")
-    add_overwrite(parser, "replace --output even if it was written with other settings", dest="force")
-    parser.add_argument("--batch-size", type=int, default=32,
-                        help="sequences per generate call; batch_size // k questions per batch (default 32)")
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="longest alternate in tokens (default 200)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
-    parser.add_argument("--max-retries", type=int, default=5,
-                        help="rounds of resampling for alternates that repeat the true answer (default 5)")
-    parser.add_argument("--max-rows", type=int, default=None, help="only the first N forget questions (quick runs)")
-    parser.add_argument("--prompt", default="altpo-fast", choices=("altpo-fast", "open-unlearning"),
-                        help="altpo-fast (default): the chat template, asking for the same form with the facts "
-                        "changed. open-unlearning: its generate.py prompt and stop strings, exactly (its "
-                        "Llama-3 text template; --system-prompt and --date-string are then unused)")
-    add_model_arguments(parser)
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_flags(parser, AlternatesSettings)
 
 
 def run(args) -> int:
     from altpo.progress import interactive, third_party_bars
 
-    with third_party_bars(not args.quiet and interactive()):  # --quiet: no third-party bars either
-        return _run(args)
+    settings = settings_from_args(AlternatesSettings, args)
+    with third_party_bars(not settings.quiet and interactive()):  # --quiet: no third-party bars either
+        return _run(settings)
 
 
-def _run(args) -> int:
+def _run(args: AlternatesSettings) -> int:
+    from altpo.data.tofu import ChatFormat, load_tofu_split
+    from altpo.eval.alternates import (ALTERNATE_PROMPT, AlternatesOutputExists, alternates_settings,
+                                       check_resumable, generate_alternates, unique_pairs)
+
     if args.k < 1:
         raise UserError(f"--k must be >= 1, got {args.k}")
     if args.batch_size < 1 or args.max_new_tokens < 1:
@@ -96,7 +110,7 @@ def _run(args) -> int:
                    prompt_style=args.prompt)
     try:  # refuse before the model loads
         resume = check_resumable(out, alternates_settings(pairs, args.k, args.seed, fmt=fmt, prompt=ALTERNATE_PROMPT,
-                                                **options), args.force)
+                                                **options), args.overwrite)
     except AlternatesOutputExists as err:
         raise UserError(str(err).replace("force (--force)", "--overwrite")) from None
     if resume:
@@ -104,11 +118,12 @@ def _run(args) -> int:
 
     from altpo.train.report import transformers_bars
 
+    apply_threads(args.threads)  # after the checks: torch loads here
     with transformers_bars(enabled=not args.quiet):  # --quiet: no loading bar either
         model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype,
                                                     tokenizer_source=args.tokenizer)
     try:
-        report = generate_alternates(model, tokenizer, pairs, args.k, args.seed, out, force=args.force,
+        report = generate_alternates(model, tokenizer, pairs, args.k, args.seed, out, force=args.overwrite,
                                      system_prompt=fmt.system_prompt, date_string=fmt.date_string,
                                      progress=not args.quiet, **options)
     except AlternatesOutputExists as err:

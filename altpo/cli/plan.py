@@ -19,11 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
+
+from altpo.cli.flags import add_flags, dtype_setting, setting, settings_from_args
 
 from altpo.errors import UserError
 from altpo.plan.memory_plan_parallel import DEFAULT_LORA_TARGETS
 from altpo.plan.memory_plan import (
-    CHECKPOINTING_MODES,
     DEFAULT_MAX_SEQ_LEN,
     DEFAULT_TOKENS_PER_STEP,
     MASTER_MODES,
@@ -36,7 +38,6 @@ from altpo.plan.memory_plan import (
     parse_bytes,
     plan_memory,
 )
-from altpo.cli.flags import add_old_spelling
 
 
 def _positive_int(text: str) -> int:
@@ -53,75 +54,62 @@ def _tokens(text: str):
     return "auto" if text == "auto" else _positive_int(text)
 
 
+def _s(default, help: str, **kw):
+    return setting(default, help, show_default=False, **kw)  # the help says the default
+
+
+@dataclass
+class PlanSettings:
+    """The settings of ``altpo-fast plan``, one flag each, named and valued as train's."""
+
+    model: str = _s(None, f"a named shape ({', '.join(NAMED_SHAPES)}), a local model folder with "
+                    "config.json, or a Hugging Face hub id (needs the hub)", required=True)
+    gpu_memory: str | None = _s(None, "memory budget, e.g. 16GiB or 80GB (default: the free memory "
+                                "of the visible GPU; required without one)", metavar="SIZE")
+    tokens_per_microbatch: str = _s("auto", "tokens in one packed micro-batch; auto: the largest "
+                                    "that fits (default auto)", type=_tokens, metavar="N|auto")
+    gradient_checkpointing: str = _s(
+        "auto", "activation checkpointing, as train names it: off, on (recompute each decoder "
+        "layer), offload (on, with the checkpoints in pinned CPU memory); auto: the cheapest that "
+        "fits (default)", choices=("auto", "on", "off", "offload"), old=("--checkpointing",),
+        old_values={"none": "off", "layers": "on"})
+    master_weights: str = _s("auto", "exact updates for bf16 weights: fp32 master copy, kahan "
+                             "compensation buffer, or none; auto: fp32 when it fits, else kahan "
+                             "(default auto)", choices=MASTER_MODES + ("auto",))
+    reference: str = _s("cached", "reference model: cached log-probs (freed during training, "
+                        "default) or resident on the GPU", choices=REFERENCE_MODES)
+    optimizer_in_backward: str = _s("auto", "step each parameter as soon as its gradient is "
+                                    "complete and free the gradient; auto: only when the plan does "
+                                    "not fit otherwise (default auto)", choices=("auto", "on", "off"),
+                                    old_values={"yes": "on", "no": "off"})
+    gpus: int = _s(1, "GPUs, each with --gpu-memory (default 1)", type=_positive_int, metavar="N")
+    parallel: str = _s("auto", "ddp: a whole model per GPU; fsdp: parameters, gradients and "
+                       "optimizer states sharded over the GPUs (default auto: fsdp with several "
+                       "GPUs, else ddp)", choices=("auto", "ddp", "fsdp"))
+    lora_rank: int = _s(0, "plan LoRA adapters of rank R instead of full-parameter training",
+                        metavar="R")
+    lora_targets: str = _s(",".join(DEFAULT_LORA_TARGETS), "modules with LoRA adapters (default: "
+                           "every linear layer of a block)", metavar="NAMES")
+    optimizer_offload: str = _s("none", "cpu: master weights and AdamW moments in host memory",
+                                choices=("none", "cpu"))
+    offload_update: str = _s("cpu", "with --optimizer-offload cpu: update on the host, or streamed "
+                             "to the GPU", choices=("cpu", "stream"))
+    cuda_context: str = _s("600MiB", "memory the CUDA context and library workspaces take outside "
+                           "PyTorch (default 600MiB; 0B when --gpu-memory is already what PyTorch "
+                           "may allocate)", metavar="SIZE")
+    tokens_per_step: int = _s(DEFAULT_TOKENS_PER_STEP, "tokens in one optimizer step, all "
+                              f"micro-batches (default {DEFAULT_TOKENS_PER_STEP}: the TOFU recipe's "
+                              "96 sequences of about 128 tokens)", type=_positive_int, metavar="N")
+    max_length: int = _s(DEFAULT_MAX_SEQ_LEN, "longest sequence, prompt plus answer, as train's "
+                         "--max-length; a micro-batch holds at least one (default "
+                         f"{DEFAULT_MAX_SEQ_LEN})", type=_positive_int, metavar="N",
+                         old=("--max-seq-len",))
+    dtype: str = dtype_setting("dtype of the weights and activations (default auto: bf16, a GPU's)")
+    json: bool = _s(False, "print the plan as JSON instead of a table")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", required=True,
-        help=f"a named shape ({', '.join(NAMED_SHAPES)}), a local model folder with config.json, "
-        "or a Hugging Face hub id (needs the hub)",
-    )
-    parser.add_argument(
-        "--gpu-memory", metavar="SIZE",
-        help="memory budget, e.g. 16GiB or 80GB (default: the free memory of the visible GPU; "
-        "required without one)",
-    )
-    parser.add_argument(
-        "--tokens-per-microbatch", type=_tokens, default="auto", metavar="N|auto",
-        help="tokens in one packed micro-batch; auto: the largest that fits (default auto)",
-    )
-    parser.add_argument(
-        "--gradient-checkpointing", "--checkpointing", dest="checkpointing",
-        choices=("auto", "on", "off", "offload") + CHECKPOINTING_MODES[:2], default="auto",
-        help="activation checkpointing, as train names it: off, on (recompute each decoder layer), "
-        "offload (on, with the checkpoints in pinned CPU memory); auto: the cheapest that fits "
-        "(default). none and layers are accepted for off and on",
-    )
-    parser.add_argument(
-        "--master-weights", choices=MASTER_MODES + ("auto",), default="auto",
-        help="exact updates for bf16 weights: fp32 master copy, kahan compensation buffer, or none; "
-        "auto: fp32 when it fits, else kahan (default auto)",
-    )
-    parser.add_argument(
-        "--reference", choices=REFERENCE_MODES, default="cached",
-        help="reference model: cached log-probs (freed during training, default) or resident on the GPU",
-    )
-    parser.add_argument(
-        "--optimizer-in-backward", choices=("auto", "on", "off", "yes", "no"), default="auto",
-        help="step each parameter as soon as its gradient is complete and free the gradient; "
-        "auto: only when the plan does not fit otherwise (default auto); yes and no are accepted "
-        "for on and off",
-    )
-    parser.add_argument("--gpus", type=_positive_int, default=1, metavar="N",
-                        help="GPUs, each with --gpu-memory (default 1)")
-    parser.add_argument("--parallel", choices=("ddp", "fsdp"), default=None,
-                        help="ddp: a whole model per GPU; fsdp: parameters, gradients and optimizer "
-                        "states sharded over the GPUs (default: fsdp with several GPUs, else ddp)")
-    parser.add_argument("--lora-rank", type=int, default=0, metavar="R",
-                        help="plan LoRA adapters of rank R instead of full-parameter training")
-    parser.add_argument("--lora-targets", default=",".join(DEFAULT_LORA_TARGETS), metavar="NAMES",
-                        help="modules with LoRA adapters (default: every linear layer of a block)")
-    parser.add_argument("--optimizer-offload", choices=("none", "cpu"), default="none",
-                        help="cpu: master weights and AdamW moments in host memory")
-    parser.add_argument("--offload-update", choices=("cpu", "stream"), default="cpu",
-                        help="with --optimizer-offload cpu: update on the host, or streamed to the GPU")
-    parser.add_argument("--cuda-context", default="600MiB", metavar="SIZE",
-                        help="memory the CUDA context and library workspaces take outside PyTorch "
-                        "(default 600MiB; 0B when --gpu-memory is already what PyTorch may allocate)")
-    parser.add_argument(
-        "--tokens-per-step", type=_positive_int, default=DEFAULT_TOKENS_PER_STEP, metavar="N",
-        help=f"tokens in one optimizer step, all micro-batches (default {DEFAULT_TOKENS_PER_STEP}: "
-        "the TOFU recipe's 96 sequences of about 128 tokens)",
-    )
-    parser.add_argument(
-        "--max-length", dest="max_seq_len", type=_positive_int, default=DEFAULT_MAX_SEQ_LEN,
-        metavar="N", help=f"longest sequence, prompt plus answer, as train's --max-length; a "
-        f"micro-batch holds at least one (default {DEFAULT_MAX_SEQ_LEN})",
-    )
-    add_old_spelling(parser, "--max-seq-len", "--max-length", "max_seq_len", type=_positive_int)
-    parser.add_argument(
-        "--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
-        help="dtype of the weights and activations (default bf16)",
-    )
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    add_flags(parser, PlanSettings)
 
 
 def _flag_bytes(flag: str, text: str) -> int:
@@ -132,6 +120,7 @@ def _flag_bytes(flag: str, text: str) -> int:
 
 
 def run(args) -> int:
+    args = settings_from_args(PlanSettings, args)
     try:
         if args.gpu_memory is not None:
             budget = _flag_bytes("--gpu-memory", args.gpu_memory)
@@ -142,9 +131,9 @@ def run(args) -> int:
                 raise UserError("no GPU is visible: give the budget with --gpu-memory, e.g. --gpu-memory 16GiB")
             budget, source = found
         shape = load_model_shape(args.model)
-        in_bwd = {"auto": "auto", "yes": True, "no": False, "on": True, "off": False}[args.optimizer_in_backward]
-        ckpt = {"on": "layers", "off": "none"}.get(args.checkpointing, args.checkpointing)
-        parallel = args.parallel or ("fsdp" if args.gpus > 1 else "ddp")
+        in_bwd = {"auto": "auto", "on": True, "off": False}[args.optimizer_in_backward]
+        ckpt = {"on": "layers", "off": "none"}.get(args.gradient_checkpointing, args.gradient_checkpointing)
+        parallel = args.parallel if args.parallel != "auto" else ("fsdp" if args.gpus > 1 else "ddp")
         context = 0 if args.cuda_context.strip() in ("0", "0B") else _flag_bytes("--cuda-context", args.cuda_context)
         if source != "given":
             context = 0  # the free memory of the visible GPU already excludes its context
@@ -156,8 +145,8 @@ def run(args) -> int:
             reference=args.reference,
             optimizer_in_backward=in_bwd,
             tokens_per_step=args.tokens_per_step,
-            max_seq_len=args.max_seq_len,
-            weight_dtype=args.dtype,
+            max_seq_len=args.max_length,
+            weight_dtype="bf16" if args.dtype == "auto" else args.dtype,
             gpus=args.gpus,
             parallel=parallel,
             lora_rank=args.lora_rank,

@@ -26,15 +26,14 @@ examples:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
-from altpo.train.method_settings import NAMED_SETTINGS
+from altpo.cli.flags import THREADS_HELP, add_flags, apply_threads
 from altpo.train.config import (
     FIELDS,
     PRESETS,
+    SETTING_ALIASES,
     TrainConfig,
-    _annotation_kind,
     config_summary,
     convert_value,
     resolve_config,
@@ -45,7 +44,7 @@ _GROUP_TITLES = ("model and data", "step", "optimisation", "reference and device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per :class:`~altpo.train.config.TrainConfig` field, plus --preset/--config."""
+    """One flag per :class:`~altpo.train.config.TrainConfig` setting, plus --preset/--config."""
     general = parser.add_argument_group("settings sources")
     general.add_argument("--preset", choices=sorted(PRESETS), default=None,
                          help="Start from a named recipe. tofu-llama-3.2-1b-forget10: the "
@@ -57,32 +56,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               "open-unlearning's published recipes of those methods (lr 1e-5, "
                               "batch 32, 10 epochs; docs/methods.md); they need --output only.")
     general.add_argument("--config", metavar="FILE.yaml", default=None,
-                         help="YAML file of settings (names as below with _ or -, and optionally "
+                         help="YAML file of settings (names as below with _ or -, at the top level "
+                              "or under their section as --print-config shows them, and optionally "
                               "preset). Command-line flags override it.")
     general.add_argument("--print-config", action="store_true",
                          help="Print the resolved settings as YAML (usable with --config) and exit.")
     groups = {title: parser.add_argument_group(title) for title in _GROUP_TITLES}
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        meta = f.metadata
-        group = groups[meta["group"]]
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        kind = _annotation_kind(f)
-        if kind == "bool":
-            group.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS,
-                               help=meta["help"])
-            continue
-        # the method's settings: their defaults are the method's (said in the help), not one number
-        shown = "" if default is None or f.name in NAMED_SETTINGS else f" (default: {default})"
-        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=meta["help"] + shown)
-        if meta.get("choices"):
-            kwargs["choices"] = meta["choices"]
-        if meta.get("metavar"):
-            kwargs["metavar"] = meta["metavar"]
-        elif kind in ("int", "float"):
-            kwargs["metavar"] = "N" if kind == "int" else "X"
-        group.add_argument(flag, **kwargs)
+    add_flags(parser, TrainConfig.flat_fields(), groups=groups, given_only=True)
+    groups["reference and device"].add_argument("--threads", type=int, default=None, metavar="N",
+                                                help=THREADS_HELP)
+    parser.setting_aliases = SETTING_ALIASES  # other trainers' names: "did you mean" for a flag
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -94,14 +77,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+    config = config_from_args(args)  # each section checks its own values here
     if getattr(args, "print_config", False):
         sys.stdout.write(config_summary(config))
         return 0
-    config.validate()
+    apply_threads(getattr(args, "threads", None))
     from altpo.train.loop import train
 
-    result = train(config)
+    result = train(config)  # judges the whole config (TrainConfig.validate) before any work
     if result.interrupted:
         print(f"altpo-fast train: interrupted by {result.interrupted} after step "
               f"{result.steps_done}; checkpoint {result.checkpoint}; continue with --resume",

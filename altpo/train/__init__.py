@@ -9,6 +9,18 @@ signals (``signals``) and what a run prints and records (``report``).
 """
 
 from altpo.train.config import TrainConfig
-from altpo.train.loop import NonFiniteLossError, TrainResult, train
+
+_LOOP_NAMES = ("train", "TrainResult", "NonFiniteLossError")
+
+
+def __getattr__(name):
+    """The loop's names load with the loop (and torch) on first use, so that code reading only the
+    settings (``altpo-fast train --help``) does not pay for torch."""
+    if name in _LOOP_NAMES:
+        from altpo.train import loop
+
+        return getattr(loop, name)
+    raise AttributeError(f"module 'altpo.train' has no attribute {name!r}")
+
 
 __all__ = ["train", "TrainConfig", "TrainResult", "NonFiniteLossError"]

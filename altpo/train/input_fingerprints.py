@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from altpo.errors import UserError
+from altpo.train.config import TRAJECTORY_SETTINGS
 
 # settings that name where an input lives: compared by content (fingerprint), not by string
 PATH_SETTINGS = ("model", "tokenizer", "data", "alternates")
@@ -26,9 +27,8 @@ def _sha(value) -> str:
 
 def input_fingerprints(config, tokenizer, forget_rows: Sequence[dict], retain_rows: Sequence[dict],
                        alternates: Sequence[Sequence[str]], data, model_hash: str, dtype) -> dict[str, str]:
-    """name -> sha256 of each input, as trained (after the row cuts)."""
-    from altpo.train.config import TRAJECTORY_SETTINGS
-
+    """name -> sha256 of each input, as trained (after the row cuts); the settings are those
+    whose fields say ``trajectory=True`` (:data:`altpo.train.config.TRAJECTORY_SETTINGS`)."""
     tokens = [[s.input_ids, s.labels] for s in data.forget + data.alternates + data.retain]
     settings = {k: getattr(config, k) for k in TRAJECTORY_SETTINGS if k not in PATH_SETTINGS}
     return {

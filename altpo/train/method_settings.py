@@ -22,20 +22,53 @@ The presets reproduce open-unlearning's published TOFU recipes for Llama-3.2-1B-
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import re
-from typing import Any
-
-from altpo_kernels.methods import REGISTRY, Method, get_method
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
 
 from altpo.errors import UserError
+
+if TYPE_CHECKING:
+    from altpo_kernels.methods import Method
 
 #: the settings TrainConfig has a flag of its own for; a method's others go in --method-settings
 NAMED_SETTINGS = ("beta", "alpha", "gamma", "delta")
 
 
+@functools.lru_cache(maxsize=1)
+def builtin_methods() -> Mapping[str, Any]:
+    """The built-in method records, for help texts, without importing torch.
+
+    Importing ``altpo_kernels.methods`` runs the package's ``__init__``, which loads the kernels and
+    torch (seconds). When that has not happened yet, the registry's own file is loaded on its own:
+    its records' names, titles and defaults need no torch (its forget terms import it when called).
+    """
+    loaded = sys.modules.get("altpo_kernels.methods")
+    if loaded is not None:
+        return dict(loaded.REGISTRY)
+    package = importlib.util.find_spec("altpo_kernels")
+    if package is None or not package.submodule_search_locations:
+        from altpo_kernels.methods import REGISTRY
+
+        return dict(REGISTRY)
+    name = "altpo.train._builtin_methods"
+    spec = importlib.util.spec_from_file_location(
+        name, Path(list(package.submodule_search_locations)[0]) / "methods.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file runs
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(name, None)
+    return dict(module.REGISTRY)
+
+
 def method_help() -> str:
     """--method's help text, from the registry."""
-    return (f"Unlearning method: {', '.join(REGISTRY)} (docs/methods.md), or your own: "
+    return (f"Unlearning method: {', '.join(builtin_methods())} (docs/methods.md), or your own: "
             "path/to/file.py:NAME or package.module:NAME naming an altpo_kernels.Method (its own "
             "settings with --method-settings). All share the retain term with --alpha.")
 
@@ -43,7 +76,7 @@ def method_help() -> str:
 def setting_help(name: str) -> str:
     """'Default: the method's (altpo 0.5, dpo 0.1, ...)' for one setting, from the registry."""
     by_value: dict[float, list[str]] = {}
-    for m in REGISTRY.values():
+    for m in builtin_methods().values():
         if name in m.defaults:
             by_value.setdefault(m.defaults[name], []).append(m.name)
     parts = [f"{'/'.join(names)} {value:g}" for value, names in by_value.items()]
@@ -51,6 +84,8 @@ def setting_help(name: str) -> str:
 
 
 def _method(config: Any) -> Method:
+    from altpo_kernels.methods import get_method
+
     try:
         return get_method(config.method)
     except ValueError as err:
@@ -100,6 +135,8 @@ def fill_method_defaults(config: Any) -> None:
     """Unset beta/alpha/gamma/delta take the method's defaults (at construction: code that reads
     a config before validation sees numbers). An unknown method is left for validation to report."""
     try:
+        from altpo_kernels.methods import get_method
+
         defaults = get_method(config.method).defaults
     except Exception:  # noqa: BLE001  (reported by validate(), with the fix)
         return
@@ -110,6 +147,8 @@ def fill_method_defaults(config: Any) -> None:
 
 def resolve_method_settings(config: Any) -> None:
     """Fill the method's defaults into ``config`` and refuse settings the method does not use."""
+    from altpo_kernels.methods import REGISTRY
+
     spec = _method(config)
     given = {name: getattr(config, name) for name in NAMED_SETTINGS}
     try:

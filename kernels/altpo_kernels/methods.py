@@ -31,10 +31,23 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:
+    import torch
+
+
+class _TorchFunctional:
+    """torch.nn.functional, imported on first use: the registry's names, defaults and titles load
+    without torch (``altpo-fast --help`` stays fast)."""
+
+    def __getattr__(self, name):
+        import torch.nn.functional
+
+        return getattr(torch.nn.functional, name)
+
+
+F = _TorchFunctional()
 
 #: the settings the loss itself reads around every forget term
 WEIGHTS = ("alpha", "gamma")
