@@ -108,8 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default 600MiB; 0B when --gpu-memory is already what PyTorch may allocate)")
     parser.add_argument(
         "--tokens-per-step", type=_positive_int, default=DEFAULT_TOKENS_PER_STEP, metavar="N",
-        help=f"tokens in one optimizer step, all micro-batches (default {DEFAULT_TOKENS_PER_STEP}: "
-        "the TOFU recipe's 96 sequences of about 128 tokens)",
+        help=f"tokens in one optimizer step, all micro-batches (default {DEFAULT_TOKENS_PER_STEP} = "
+        "96 x 128: the TOFU recipe's 96 sequences, which average 91-97 tokens with the Llama-3 "
+        "template)",
     )
     parser.add_argument(
         "--max-length", dest="max_seq_len", type=_positive_int, default=DEFAULT_MAX_SEQ_LEN,
