@@ -48,8 +48,8 @@ def add_arguments(parser) -> None:
                         "demo's recipe for it")
     parser.add_argument("--compare", action="store_true",
                         help=f"run {', '.join(COMPARE_METHODS)} from the same full model and plot "
-                        "their TOFU metrics side by side (demo_compare.png); about three minutes "
-                        "more than one method")
+                        "their TOFU metrics side by side (demo_compare.png); about three times "
+                        "as long as one method")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bars, stage lines or report; errors only (the results "
                         "are in demo_summary.json, the exit status says whether forgetting held)")
