@@ -28,10 +28,17 @@ def _rewrite_json(path: Path, edit) -> None:
         return
     data = json.loads(path.read_text(encoding="utf-8"))
     if edit(data):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n",
-                       encoding="utf-8")
-        os.replace(tmp, path)
+        # a name of its own, flushed before the rename: a crash leaves the old file or the new one
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def _portable_tokenizer_config(folder: Path):
