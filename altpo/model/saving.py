@@ -16,7 +16,6 @@ A LoRA adapter folder (``adapter_config.json``) gets the same care for peft:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 # tokenizer classes of transformers 5.x that 4.x does not know, and the class 4.x has for them
@@ -28,17 +27,9 @@ def _rewrite_json(path: Path, edit) -> None:
         return
     data = json.loads(path.read_text(encoding="utf-8"))
     if edit(data):
-        # a name of its own, flushed before the rename: a crash leaves the old file or the new one
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        from altpo.eval.output import write_atomic  # its own temporary name, fsynced, renamed
+
+        write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
 
 
 def _portable_tokenizer_config(folder: Path):
