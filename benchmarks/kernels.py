@@ -343,11 +343,12 @@ def compare_with_reference(variant: str, op: str, x: dict, value: torch.Tensor) 
     ref = reference_result(variant, op, x)
     if ref is None:
         return {"check": "skipped at this size (checked at smaller N)"}
-    errs = {"err_value": abs(float(value) - ref["value"]) / max(abs(ref["value"]), 1e-30),
+    errs = {"value": float(value), "reference_value": ref["value"],
+            "err_value": abs(float(value) - ref["value"]) / max(abs(ref["value"]), 1e-30),
             "err_dh": _rel(x["hidden"].grad, ref["dh"]) if x["hidden"].grad is not None else None,
             "err_dw": _rel(x["weight"].grad, ref["dw"]) if x["weight"].grad is not None else None}
     tol = TOLERANCE.get(str(x["hidden"].dtype).replace("torch.", ""), 1e-3)
-    worst = max(e for e in errs.values() if e is not None)
+    worst = max(e for k, e in errs.items() if k.startswith("err_") and e is not None)
     errs["check"] = "ok" if worst <= tol else f"FAILED: error {worst:.2e} > tolerance {tol:g}"
     return errs
 
@@ -498,37 +499,81 @@ def add_ratios(results: list[dict]) -> list[dict]:
 # the memory ratio of the torch backend, each variant in a fresh process
 
 
-def memory_worker(variant: str, op: str, shape: tuple[int, int, int]) -> dict:
-    """Runs in a fresh subprocess: one forward + backward, peak memory above the inputs."""
+def memory_worker(variant: str, op: str, shape: tuple[int, int, int], grads_out: str | None = None) -> dict:
+    """Runs in a fresh subprocess: one forward + backward, peak memory above the inputs.
+
+    ``grads_out``: a file to write dH and dW to (``torch.save``), for the parent's element-wise
+    comparison of the two variants' gradients.
+    """
     n, h, v = shape
     device = torch.device("cpu")
     x = make_inputs(n, h, v, torch.float32, device, seed=1)
     fwd = build_forward(variant, op, x)
     with PeakMemory(device) as mem:
         fwd().backward()
-    return {"variant": variant, "op": op, "shape": list(shape), "peak_bytes": mem.peak_bytes,
-            "grad_checksum": float(x["hidden"].grad.double().abs().sum())}
+    if grads_out:
+        torch.save({"dh": x["hidden"].grad, "dw": x["weight"].grad}, grads_out)
+    return {"variant": variant, "op": op, "shape": list(shape), "peak_bytes": mem.peak_bytes}
+
+
+# Element-wise agreement of two fp32 gradients of the same op: every element within this relative
+# error of the reference element, where elements smaller than GRAD_FLOOR x the largest are judged
+# against that floor (their relative error is rounding noise, not a wrong formula).
+GRAD_RTOL = 2e-4
+GRAD_FLOOR = 1e-2
+
+
+def compare_gradients(got: dict, want: dict, rtol: float = GRAD_RTOL) -> dict:
+    """Max absolute and relative error, element by element, of each gradient in ``want``.
+
+    ``agree`` is True only when every element of every gradient is within ``rtol``; a single
+    wrong element (a wrong sign, a missed token) makes it False.
+    """
+    out = {"rtol": rtol, "floor": GRAD_FLOOR, "agree": True}
+    for name, ref in want.items():
+        a, b = got[name].double(), ref.double()
+        if a.shape != b.shape:
+            out.update({f"{name}_max_abs_err": None, f"{name}_max_rel_err": None, "agree": False,
+                        f"{name}_error": f"shape {tuple(a.shape)} != {tuple(b.shape)}"})
+            continue
+        diff = (a - b).abs()
+        scale = b.abs().clamp(min=GRAD_FLOOR * float(b.abs().max().clamp(min=1e-30)))
+        rel = diff / scale
+        worst = int(rel.argmax())
+        out[f"{name}_max_abs_err"] = float(diff.max())
+        out[f"{name}_max_rel_err"] = float(rel.reshape(-1)[worst])
+        out[f"{name}_worst_index"] = [int(i) for i in torch.unravel_index(torch.tensor(worst), b.shape)]
+        if not torch.isfinite(a).all() or float(rel.max()) > rtol:
+            out["agree"] = False
+    return out
 
 
 def memory_ratio(shape: tuple[int, int, int], op: str = "linear_logprobs") -> dict:
-    """Torch backend vs materialised peak memory, measured side by side in fresh processes."""
-    found = {}
-    for variant in ("materialised", "altpo-torch"):
-        cmd = [sys.executable, "-m", "benchmarks.kernels", "--memory-worker", variant, "--op", op,
-               "--shape", ",".join(map(str, shape))]
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
-        res = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-        if res.returncode != 0:
-            return {"shape": list(shape), "op": op, "error": res.stderr.strip()[-500:]}
-        found[variant] = json.loads(res.stdout.strip().splitlines()[-1])
+    """Torch backend vs materialised peak memory, measured side by side in fresh processes; the
+    two gradients (dH, dW) are compared element by element."""
+    import tempfile
+
+    found, grads = {}, {}
+    with tempfile.TemporaryDirectory(prefix="altpo-memory-ratio-") as tmp:
+        for variant in ("materialised", "altpo-torch"):
+            grads_file = os.path.join(tmp, f"{variant}.pt")
+            cmd = [sys.executable, "-m", "benchmarks.kernels", "--memory-worker", variant, "--op", op,
+                   "--shape", ",".join(map(str, shape)), "--grads-out", grads_file]
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+            res = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+            if res.returncode != 0:
+                return {"shape": list(shape), "op": op, "error": res.stderr.strip()[-500:]}
+            found[variant] = json.loads(res.stdout.strip().splitlines()[-1])
+            grads[variant] = torch.load(grads_file, weights_only=True)
     mat, tor = found["materialised"], found["altpo-torch"]
-    same = abs(mat["grad_checksum"] - tor["grad_checksum"]) <= 1e-3 * abs(mat["grad_checksum"])
+    agreement = compare_gradients(grads["altpo-torch"], grads["materialised"])
     return {
         "shape": list(shape), "op": op, "pass": "full",
         "materialised_mib": mat["peak_bytes"] / MiB,
         "altpo_torch_mib": tor["peak_bytes"] / MiB,
         "ratio": tor["peak_bytes"] / mat["peak_bytes"] if mat["peak_bytes"] else None,
-        "gradients_agree": same,
+        "gradients_agree": agreement["agree"],
+        "gradient_agreement": agreement,
         "method": "each variant in a fresh CPU subprocess; " + CPU_MEMORY_METHOD,
     }
 
@@ -729,6 +774,7 @@ def parse_args(argv=None):
                    help="only time the cuBLAS GEMMs at the chunked backward's shapes (fp32 outputs), "
                         "at each --tokens N (default 4096 16384; --quick: small CPU shapes)")
     p.add_argument("--op", default="linear_logprobs", help=argparse.SUPPRESS)
+    p.add_argument("--grads-out", help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -871,8 +917,15 @@ def summary(payload: dict) -> str:
             lines.append(f"memory ratio (N,H,V={tuple(mr['shape'])}, {mr['op']} forward+backward, CPU): "
                          f"altpo-torch {mr['altpo_torch_mib']:.0f} MiB / materialised "
                          f"{mr['materialised_mib']:.0f} MiB = {mr['ratio']:.3f}"
-                         f"{'' if mr['gradients_agree'] else '  (gradients DISAGREE)'}")
+                         + _agreement_note(mr))
     return "\n".join(lines)
+
+
+def _agreement_note(mr: dict) -> str:
+    ga = mr.get("gradient_agreement", {})
+    worst = max((ga.get(f"{g}_max_rel_err") or 0.0) for g in ("dh", "dw"))
+    verdict = "agree" if mr["gradients_agree"] else "DISAGREE"
+    return f"; gradients {verdict} element-wise (max rel err {worst:.1e}, tolerance {ga.get('rtol', GRAD_RTOL):g})"
 
 
 def calibrate_main(args) -> int:
@@ -906,7 +959,8 @@ def main(argv=None) -> int:
                                           int(band))))
         return 0
     if args.memory_worker:
-        print(json.dumps(memory_worker(args.memory_worker, args.op, _parse_shape(args.shape, "--shape"))))
+        print(json.dumps(memory_worker(args.memory_worker, args.op, _parse_shape(args.shape, "--shape"),
+                                       args.grads_out)))
         return 0
     payload = run(args)
     print(summary(payload))

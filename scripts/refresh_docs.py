@@ -7,9 +7,11 @@ A doc marks each generated block with the command that makes it:
     ...what the command printed...
     ```
 
-This script runs every such command (or those whose text contains ``--only``), from a scratch
-folder so that their outputs (``--output demo-out`` and the like) land there, and puts what the
-command printed on stdout in the block. Progress bars and notes go to stderr and are left out.
+This script runs every such command (or those whose text contains ``--only``) with bash, from a
+scratch folder so that their outputs (``--output demo-out`` and the like) land there, and puts
+what the command printed on stdout in the block. A block that quotes part of an output says so in
+its command (``altpo-fast plan ... | sed -n '/^fits:/,$p'``). It is the one refresher of every
+generated block: the demo's outputs, the memory plans, the ``--help`` texts. Progress bars and notes go to stderr and are left out.
 Below each block it writes the versions it ran with (``Made with: torch ..., transformers ...``),
 since numbers such as the demo's depend on them; make them with the locked set (constraints.txt,
 which scripts/with-env.sh installs).
@@ -17,9 +19,11 @@ which scripts/with-env.sh installs).
     bash scripts/with-env.sh python scripts/refresh_docs.py             # every block
     bash scripts/with-env.sh python scripts/refresh_docs.py --only plan # the planner's blocks
     bash scripts/with-env.sh python scripts/refresh_docs.py --check     # fail if a block is stale
+    bash scripts/with-env.sh python scripts/refresh_docs.py --check --cheap  # plans and --help only
 
-``--check`` runs the commands and exits 1 listing the blocks whose text differs (the tests run it
-for the fast, deterministic blocks: the memory plans).
+``--check`` runs the commands and exits 1 listing the blocks whose text differs. ``--cheap`` keeps
+the blocks whose output is deterministic and takes seconds on a CPU (the memory plans and the
+``--help`` texts: :func:`is_cheap`); tests/docs runs those through :func:`stale_blocks`.
 """
 
 from __future__ import annotations
@@ -72,6 +76,12 @@ def find_blocks(only: str | None = None) -> list[Block]:
     return blocks
 
 
+def is_cheap(block: Block) -> bool:
+    """A block whose command is deterministic and fast on a CPU: a memory plan or a --help text
+    (the demo's blocks train models and take minutes)."""
+    return block.command.startswith("altpo-fast plan ") or block.command.split("|")[0].rstrip().endswith("--help")
+
+
 def run_command(command: str, workdir: Path) -> str:
     """What ``command`` prints on stdout, run by bash in ``workdir`` with this Python's tools first
     on PATH; a failing command stops the refresh with its stderr."""
@@ -85,35 +95,48 @@ def run_command(command: str, workdir: Path) -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
-def refresh(only: str | None = None, check: bool = False) -> list[Block]:
+def stale_blocks(blocks: list[Block], workdir: Path) -> list[tuple[Block, str]]:
+    """``(block, what its command prints now)`` for each block whose text differs."""
+    stale = []
+    for block in blocks:
+        print(f"running: {block.command}  ({block.path.relative_to(ROOT)})", file=sys.stderr, flush=True)
+        new = run_command(block.command, workdir)
+        if new != block.body:
+            stale.append((block, new))
+    return stale
+
+
+def rewrite(block: Block, new: str) -> None:
+    """Put ``new`` in the block's fence, with the versions line under it."""
+    text = block.path.read_text(encoding="utf-8")
+    old = f"<!-- output of: {block.command} -->\n```"
+    start = text.index(old)
+    lang_end = text.index("\n", start + len(old)) + 1
+    end = text.index("```\n", lang_end) + len("```\n")
+    rest = VERSIONS_LINE.sub("", text[end:], count=1)
+    block.path.write_text(text[:lang_end] + new + "```\n\n" + versions_line() + rest, encoding="utf-8")
+
+
+def refresh(only: str | None = None, check: bool = False, cheap: bool = False) -> list[Block]:
     """Run the blocks' commands; rewrite the docs (or, with ``check``, only compare). Returns the
     blocks whose text was out of date."""
-    stale = []
+    blocks = [b for b in find_blocks(only) if is_cheap(b) or not cheap]
     with tempfile.TemporaryDirectory(prefix="altpo-docs-") as tmp:
-        for block in find_blocks(only):
-            print(f"running: {block.command}  ({block.path.relative_to(ROOT)})", file=sys.stderr, flush=True)
-            new = run_command(block.command, Path(tmp))
-            if new == block.body:
-                continue
-            stale.append(block)
-            if not check:
-                text = block.path.read_text(encoding="utf-8")
-                old = f"<!-- output of: {block.command} -->\n```"
-                start = text.index(old)
-                lang_end = text.index("\n", start + len(old)) + 1
-                end = text.index("```\n", lang_end) + len("```\n")
-                rest = VERSIONS_LINE.sub("", text[end:], count=1)
-                block.path.write_text(text[:lang_end] + new + "```\n\n" + versions_line() + rest,
-                                      encoding="utf-8")
-    return stale
+        stale = stale_blocks(blocks, Path(tmp))
+    if not check:
+        for block, new in stale:
+            rewrite(block, new)
+    return [block for block, _ in stale]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help="refresh only the blocks whose command contains this text")
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block is stale")
+    parser.add_argument("--cheap", action="store_true",
+                        help="only the deterministic blocks that take seconds (memory plans, --help texts)")
     args = parser.parse_args(argv)
-    stale = refresh(args.only, args.check)
+    stale = refresh(args.only, args.check, args.cheap)
     for block in stale:
         print(f"{'stale' if args.check else 'refreshed'}: {block.path.relative_to(ROOT)}: {block.command}")
     return 1 if (args.check and stale) else 0

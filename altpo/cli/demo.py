@@ -54,7 +54,7 @@ def demo_settings():
                          "demo's recipe for it", choices=list(builtin_methods()))
         compare: bool = _s(False, f"run {', '.join(COMPARE_METHODS)} from the same full model and "
                            "plot their TOFU metrics side by side (demo_compare.png); about three "
-                           "minutes more than one method")
+                           "times as long as one method")
         quiet: bool = _s(False, "no progress bars, stage lines or report; errors only (the results "
                          "are in demo_summary.json, the exit status says whether forgetting held)")
 

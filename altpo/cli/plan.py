@@ -98,8 +98,9 @@ class PlanSettings:
                            "PyTorch (default 600MiB; 0B when --gpu-memory is already what PyTorch "
                            "may allocate)", metavar="SIZE")
     tokens_per_step: int = _s(DEFAULT_TOKENS_PER_STEP, "tokens in one optimizer step, all "
-                              f"micro-batches (default {DEFAULT_TOKENS_PER_STEP}: the TOFU recipe's "
-                              "96 sequences of about 128 tokens)", type=_positive_int, metavar="N")
+                              f"micro-batches (default {DEFAULT_TOKENS_PER_STEP} = 96 x 128: the "
+                              "TOFU recipe's 96 sequences, which average 91-97 tokens with the "
+                              "Llama-3 template)", type=_positive_int, metavar="N")
     max_length: int = _s(DEFAULT_MAX_SEQ_LEN, "longest sequence, prompt plus answer, as train's "
                          "--max-length; a micro-batch holds at least one (default "
                          f"{DEFAULT_MAX_SEQ_LEN})", type=_positive_int, metavar="N",

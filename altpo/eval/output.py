@@ -8,8 +8,9 @@ what was evaluated.
 - Each file is written under a unique temporary name (``.NAME.tmp-<random>-<pid>``), fsynced,
   renamed, and the folder fsynced: a kill or a power loss leaves the old file or the new one.
 - ``EVAL_PROVENANCE.json``, written last, records the model (path and a fingerprint of its
-  weights), the data, the settings, the tool's version, the command and the sha256 of both result
-  files. A ``TOFU_EVAL.json`` without a matching record is from an eval that did not finish.
+  weights; for an eval during training also the run, epoch and step), the data and the sha256 of
+  each split file read, the settings, the package versions, the command and the sha256 of both
+  result files. ``altpo-fast eval`` and ``--eval-every-epoch`` write the same record. A ``TOFU_EVAL.json`` without a matching record is from an eval that did not finish.
 """
 
 from __future__ import annotations
@@ -122,11 +123,69 @@ def unlock_output(out: Path, fd: int, remove_folder: bool = False) -> None:
     release(fd)
 
 
-def provenance(*, model_path, model, tokenizer_path, data, settings: dict, command=None) -> dict:
-    """What an eval evaluated: the model's path and weights fingerprint, the data, the settings."""
+# What a reader needs to rerun or trust an eval: the releases that computed it.
+PROVENANCE_PACKAGES = ("altpo-fast", "torch", "transformers", "tokenizers", "safetensors", "datasets",
+                       "numpy", "triton")
+
+
+def package_versions() -> dict:
+    """The Python version and each of ``PROVENANCE_PACKAGES``' installed version (None: absent)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for name in PROVENANCE_PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def split_fingerprints(data, forget_split: str, metrics, holdout_split: str | None = None) -> dict:
+    """Each TOFU split the eval read: its file, size and sha256 for a local folder; the hub id and
+    split name for hub data (``datasets`` records no content hash we can read back)."""
+    from altpo.eval.tofu import _split_file, required_splits
+    from altpo.sources import local_path, looks_like_hub_id
+
+    names = required_splits(forget_split, tuple(metrics or ()), holdout_split)
+    if data is None:
+        return {}
+    if looks_like_hub_id(str(data)):
+        return {name: {"hub": str(data), "split": name} for name in names}
+    folder = local_path(str(data))
+    found = {}
+    for name in names:
+        path = _split_file(folder, name)
+        found[name] = ({"file": str(path.resolve()), "bytes": path.stat().st_size, "sha256": _sha256(path)}
+                       if path is not None else {"file": None, "missing": True})
+    return found
+
+
+def _weights_fingerprint(model) -> str | None:
+    """sha256 of the weights, or None for a model sharded over processes (its shards are not the
+    whole model; the run's checkpoint at that step identifies it)."""
+    from altpo.train.reference_cache import model_fingerprint
+
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without DTensor cannot have sharded it
+        DTensor = ()
+    if any(isinstance(t, DTensor) for t in model.state_dict().values()):
+        return None
+    return model_fingerprint(model)
+
+
+def provenance(*, model_path, model, tokenizer_path, data, settings: dict, command=None,
+               training: dict | None = None) -> dict:
+    """What an eval evaluated: the model's path and weights fingerprint, the tokenizer, the data
+    and the sha256 of each split file read, the settings, the package versions and the command.
+
+    ``training``: for an eval made during training (``--eval-every-epoch``), the run folder, the
+    starting model, and the epoch and optimizer step of the evaluated weights.
+    """
     from altpo import __version__
     from altpo.sources import local_path
-    from altpo.train.reference_cache import model_fingerprint
 
     def where(source):
         if source is None:
@@ -134,9 +193,15 @@ def provenance(*, model_path, model, tokenizer_path, data, settings: dict, comma
         p = local_path(str(source))
         return str(p.resolve()) if p.exists() else str(source)
 
-    return {"model": where(model_path), "model_weights_sha256": model_fingerprint(model),
-            "tokenizer": where(tokenizer_path), "data": where(data), "settings": settings,
-            "tool": f"altpo-fast {__version__}", "command": list(command or sys.argv)}
+    record = {"model": where(model_path), "model_weights_sha256": _weights_fingerprint(model),
+              "tokenizer": where(tokenizer_path), "data": where(data),
+              "data_splits": split_fingerprints(data, settings.get("forget_split", "forget10"),
+                                                settings.get("metrics"), settings.get("holdout_split")),
+              "settings": settings, "tool": f"altpo-fast {__version__}",
+              "packages": package_versions(), "command": list(command or sys.argv)}
+    if training is not None:
+        record["training"] = training
+    return record
 
 
 def write_results(out: Path, logs_text: str, summary_text: str, record: dict | None) -> None:

@@ -2,8 +2,9 @@
 
 After every epoch each process evaluates its share of the chosen TOFU metric groups (the work is
 sharded as ``altpo-fast eval`` shards it under torchrun, and the result equals a one-process
-evaluation); rank 0 writes ``OUTPUT/evals/epoch-N/TOFU_EVAL.json`` and ``TOFU_SUMMARY.json`` in
-the format of ``altpo-fast eval``, and, with ``--keep-best``, saves the model to ``OUTPUT/best/``
+evaluation); rank 0 writes ``OUTPUT/evals/epoch-N/TOFU_EVAL.json``, ``TOFU_SUMMARY.json`` and
+``EVAL_PROVENANCE.json`` in the format of ``altpo-fast eval`` (the record also names the run, the
+epoch and the step), and, with ``--keep-best``, saves the model to ``OUTPUT/best/``
 whenever the epoch beats the best so far (``best/best.json`` says which epoch and value).
 """
 
@@ -16,6 +17,10 @@ from pathlib import Path
 
 from altpo.errors import UserError
 
+# Epoch evaluations use altpo-fast eval's defaults for these (recorded in each EVAL_PROVENANCE.json).
+EPOCH_NUMERICS = "altpo-fast"
+EPOCH_MAX_NEW_TOKENS = 200
+_DTYPE_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}  # eval's --dtype
 EPOCH_GROUPS = ("forget", "retain", "ra", "wf", "mia", "gradnorm", "memorization")
 DIRECTIONS = ("max", "min", "zero")
 DEFAULT_DIRECTION = {
@@ -108,6 +113,25 @@ class EpochEvaluator:
         if self.keep and config.resume and best_file.is_file():  # a resumed run must beat the best so far
             self.best = json.loads(best_file.read_text()).get("value")
 
+    def provenance(self, model, epoch: int, step: int, steps_per_epoch: int) -> dict:
+        """The record ``altpo-fast eval`` writes (``EVAL_PROVENANCE.json``), for the weights after
+        ``step`` optimizer steps: the run, epoch and step name them; the settings are the ones
+        this evaluation used."""
+        from altpo.eval.output import provenance
+
+        c = self.config
+        return provenance(
+            model_path=None, model=model, tokenizer_path=c.tokenizer or c.model, data=c.data,
+            settings={"forget_split": c.forget_split, "holdout_split": None, "metrics": self.groups,
+                      "numerics": EPOCH_NUMERICS, "max_rows": c.eval_max_rows,
+                      "max_new_tokens": EPOCH_MAX_NEW_TOKENS,
+                      "dtype": _DTYPE_NAMES.get(str(next(model.parameters()).dtype)),
+                      "retain_logs": c.eval_retain_logs, "reference_model": None,
+                      "system_prompt": c.system_prompt, "date_string": c.date_string,
+                      "loss_backend": c.loss_backend},
+            training={"run": str(self.output.resolve()), "starting_model": c.model, "epoch": epoch,
+                      "step": step, "steps_per_epoch": steps_per_epoch, "world_size": self.world})
+
     def after_step(self, model, done: int, steps_per_epoch: int, say=print) -> dict | None:
         """At the end of an epoch (``done`` steps), evaluate and maybe keep the model."""
         if steps_per_epoch < 1 or done % steps_per_epoch:
@@ -119,11 +143,13 @@ class EpochEvaluator:
         epoch = done // steps_per_epoch
         folder = self.output / "evals" / f"epoch-{epoch}"
         c = self.config
+        record = self.provenance(model, epoch, done, steps_per_epoch) if self.rank == 0 else None
         summary = evaluate_tofu(
             model, self.tokenizer, c.data, c.forget_split, retain_logs=c.eval_retain_logs,
             output_dir=folder, system_prompt=c.system_prompt or None, date_string=c.date_string,
-            splits=self.groups, max_rows=c.eval_max_rows, progress=False, verbose=False,
-            backend=c.loss_backend, shards=Shards(self.rank, self.world))
+            splits=self.groups, max_rows=c.eval_max_rows, max_new_tokens=EPOCH_MAX_NEW_TOKENS,
+            progress=False, verbose=False, backend=c.loss_backend, numerics=EPOCH_NUMERICS,
+            shards=Shards(self.rank, self.world), provenance=record)
         model.train()
         if self.keep is None:
             if self.rank == 0:

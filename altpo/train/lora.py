@@ -63,11 +63,13 @@ def save_lora_outputs(out, peft_model, state: dict[str, torch.Tensor], tokenizer
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from altpo.model.saving import make_adapter_portable
     from altpo.train.checkpoint import save_final_model
 
     out = Path(out)
     model = peft_model.base_model.model
     peft_model.save_pretrained(str(out / ADAPTER_DIR), state_dict=adapter_state(state))
+    make_adapter_portable(out / ADAPTER_DIR)  # peft 0.13 (transformers 4.45's time) loads it too
     if not config.merge:
         return
     dtype = next(iter(state.values())).dtype

@@ -46,3 +46,47 @@ def test_llama3_rope_scaling_is_written_for_old_releases(tmp_path):
     assert config["rope_theta"] == 500000.0
     assert config["rope_scaling"] == {k: v for k, v in rope.items() if k != "rope_theta"}
     assert config["rope_parameters"] == rope
+
+
+# What peft 0.13.2's LoraConfig accepts (read from that release's dataclass fields): the reader of
+# adapter folders in open-unlearning's transformers 4.45.1 set-up.
+PEFT_0_13_2_LORA_FIELDS = {
+    "alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "fan_in_fan_out",
+    "inference_mode", "init_lora_weights", "layer_replication", "layers_pattern",
+    "layers_to_transform", "loftq_config", "lora_alpha", "lora_dropout", "megatron_config",
+    "megatron_core", "modules_to_save", "peft_type", "r", "rank_pattern", "revision",
+    "runtime_config", "target_modules", "task_type", "use_dora", "use_rslora",
+}
+
+
+def test_lora_adapter_config_keeps_only_what_old_peft_reads_and_means_the_same(tmp_path):
+    from peft import LoraConfig
+
+    from altpo.model.saving import make_adapter_portable
+
+    config = LoraConfig(r=4, lora_alpha=8.0, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                        bias="none", task_type="CAUSAL_LM")
+    config.save_pretrained(str(tmp_path))
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert set(written) - PEFT_0_13_2_LORA_FIELDS  # the locked peft writes keys 0.13.2 refuses
+    make_adapter_portable(tmp_path)
+    portable = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert set(portable) <= PEFT_0_13_2_LORA_FIELDS, set(portable) - PEFT_0_13_2_LORA_FIELDS
+    # read back by the locked peft, every setting is what was saved (the version note aside)
+    again = LoraConfig.from_pretrained(str(tmp_path)).to_dict()
+    before = config.to_dict()
+    for key in set(before) | set(again):
+        if key != "peft_version":
+            assert again.get(key) == before.get(key), key
+    make_adapter_portable(tmp_path)  # idempotent
+    assert json.loads((tmp_path / "adapter_config.json").read_text()) == portable
+
+
+def test_a_lora_setting_old_peft_cannot_hold_is_kept_so_old_peft_refuses_it(tmp_path):
+    from peft import LoraConfig
+
+    from altpo.model.saving import make_adapter_portable
+
+    LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True).save_pretrained(str(tmp_path))
+    make_adapter_portable(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_bias"] is True

@@ -158,13 +158,3 @@ def test_plan_command_speaks_the_train_flags(capsys):
     assert cli.main(["plan", "--model", "llama-3.1-8b", "--gpu-memory", "40GB", "--lora-rank", "4",
                      "--lora-targets", "q_proj,nope"]) == 2
     assert "nope" in capsys.readouterr().err
-
-
-def test_memory_plan_doc_quotes_what_the_code_plans():
-    import runpy
-
-    from helpers import REPO_ROOT
-
-    script = runpy.run_path(str(REPO_ROOT / "scripts" / "plan_examples.py"))
-    assert script["MARKER"].findall((REPO_ROOT / "docs" / "memory-plan.md").read_text())
-    assert script["main"](["--check"]) == 0
