@@ -150,10 +150,12 @@ def fp16_output_scale(dscale: float, entropy: bool, vocab: int) -> float:
 
     ``|G_v| <= dscale (|g| + |g_ent| p_v |u_v - mu|)`` and ``p_v |u_v - mu| = p_v |log p_v + H|
     <= 1/e + log V`` (H <= log V), so ``s = 2**-ceil(log2(dscale (1 + [entropy] (1/e + log V))))``
-    brings the bound back to 2**14. Exact to undo (the GEMMs take ``alpha = 1 / s``).
+    brings the bound back to 2**14 (the exponent clamped to [-60, 60]). Exact to undo (the GEMMs
+    take ``alpha = 1 / s``).
     """
     bound = dscale * (1.0 + ((1.0 / math.e + math.log(max(vocab, 2))) if entropy else 0.0))
-    return 2.0 ** -math.ceil(math.log2(bound))
+    # clamped like the loop's own scale, so that s and 1 / s stay normal fp32 numbers
+    return 2.0 ** max(-60, min(60, -math.ceil(math.log2(bound))))
 
 
 def logprobs_backward(hidden, weight, labels, lse, grad_logp, need_dh=True, need_dw=True, *,

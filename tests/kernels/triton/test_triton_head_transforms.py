@@ -117,6 +117,9 @@ def test_fp16_output_scale_bound():
     assert fp16_output_scale(1.0, True, 128256) == 2.0 ** -4
     # a small dscale gets headroom back: 0.1 -> 2**3
     assert fp16_output_scale(0.1, False, 1000) == 8.0
+    # extreme constants stay within normal fp32 scales
+    assert fp16_output_scale(1e-30, False, 1000) == 2.0 ** 60
+    assert fp16_output_scale(1e30, True, 1000) == 2.0 ** -60
 
 
 @pytest.mark.parametrize("splits,group_n", [(1, 1), (3, 2), (7, 4)])
