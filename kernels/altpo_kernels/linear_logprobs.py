@@ -71,8 +71,9 @@ class LinearLogprobsFunction(torch.autograd.Function):
 class TransformedLogprobsFunction(torch.autograd.Function):
     """``(logp, entropy)`` of a head with bias / logit scale / soft-capping / temperature, by the
     backend's ``transformed_forward`` / ``transformed_backward`` (torch: the tiled plain-torch path
-    of ``torch_chunked``; triton: the fused kernels with the transform compiled in); ignored rows
-    give 0. With ``entropy`` False the triton kernels skip the entropy state (entropy is then 0)."""
+    of ``torch_chunked``; triton: the fused kernels with the transform compiled in; cuda: cuBLAS
+    logits tiles and the transformed C++ epilogues); ignored rows give 0. With ``entropy`` False the triton and cuda kernels skip the entropy state (entropy is
+    then 0)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index: int, tf, backend: str, entropy: bool):
@@ -150,9 +151,9 @@ def linear_logprobs(hidden, weight, labels, *, ignore_index: int = -100, backend
             [N], 0 for ignored tokens; then the result is ``(logp, entropy)``, both differentiable.
 
     With any of bias / logit_scale / softcap / temperature / return_entropy the triton backend
-    (``"auto"`` on CUDA) runs its kernels with the transform compiled into each logits tile, and
-    the torch backend (``"auto"`` on the CPU) its tiled path; ``"cuda"`` does not implement them and
-    raises.
+    (``"auto"`` on CUDA) runs its kernels with the transform compiled into each logits tile, the
+    cuda backend its transformed epilogues on cuBLAS logits tiles, and the torch backend
+    (``"auto"`` on the CPU) its tiled path.
     Differentiable with respect to ``hidden``, ``weight`` (and ``bias``); never holds the [N, V]
     logits (except with ``backend="reference"``).
     """
@@ -174,10 +175,6 @@ def linear_logprobs(hidden, weight, labels, *, ignore_index: int = -100, backend
             raise ValueError(f"bias must have the weight's dtype and device ({weight.dtype}, "
                              f"{weight.device}), got {bias.dtype}, {bias.device}; convert it with "
                              f"bias.to(weight)")
-    if backend == "cuda":
-        raise ValueError('backend="cuda" does not implement bias, logit_scale, softcap, '
-                         'temperature or return_entropy; use backend="triton" on CUDA, "torch", or '
-                         '"auto", which picks one of them')
     if backend == "reference":
         logp, entropy = linear_logprobs_entropy_reference(
             hidden, weight, labels, bias=bias, temperature=tf.temperature,

@@ -19,20 +19,18 @@ memory and a store; the two large GEMMs run at cuBLAS speed, in a fixed order.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from ..chunked_backward import chunked_logprobs_backward, fp16_scale
+from ..head_constants import fp16_output_scale, transform_constants
 from .logprobs_forward import (
     _on_device,
     dot_precision,
     grouped_program,
     head_transform,
     logits_tile,
-    transform_constants,
 )
 from .tile_configs import LogprobsTiles, interpreting, tiles_for
 
@@ -142,20 +140,6 @@ def produce_g(h_chunk, w_band, labels_chunk, lse_chunk, g_chunk, band_start: int
         part = colsum.sum(0)
         db[band_start:band_start + band] += part if s == 1.0 else part / s
     return s
-
-
-def fp16_output_scale(dscale: float, entropy: bool, vocab: int) -> float:
-    """A power of two ``s`` that keeps ``s G`` within fp16 when the chunk loop has scaled the
-    upstream gradients to at most 2**14 (``chunked_backward``'s fp16 rule).
-
-    ``|G_v| <= dscale (|g| + |g_ent| p_v |u_v - mu|)`` and ``p_v |u_v - mu| = p_v |log p_v + H|
-    <= 1/e + log V`` (H <= log V), so ``s = 2**-ceil(log2(dscale (1 + [entropy] (1/e + log V))))``
-    brings the bound back to 2**14 (the exponent clamped to [-60, 60]). Exact to undo (the GEMMs
-    take ``alpha = 1 / s``).
-    """
-    bound = dscale * (1.0 + ((1.0 / math.e + math.log(max(vocab, 2))) if entropy else 0.0))
-    # clamped like the loop's own scale, so that s and 1 / s stay normal fp32 numbers
-    return 2.0 ** max(-60, min(60, -math.ceil(math.log2(bound))))
 
 
 def logprobs_backward(hidden, weight, labels, lse, grad_logp, need_dh=True, need_dw=True, *,

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..head_constants import transform_constants
 from .tile_configs import interpreting, sm_count, tiles_for
 
 
@@ -268,23 +269,6 @@ def vocab_split(n_tokens: int, vocab: int, block_n: int, block_v: int, slots: in
     best = min(cost for cost, _ in options.values())
     splits = min(s for s, (cost, _) in options.items() if cost <= best * SPLIT_SLACK)
     return splits, options[splits][1] * block_v
-
-
-def transform_constants(tf) -> dict:
-    """The kernels' scalars and flags for a ``torch_chunked.HeadTransform`` (None: identity).
-
-    ``pre_scale`` / ``post_scale`` as :func:`head_transform` takes them; ``dscale`` =
-    ``logit_scale / temperature``, the derivative's constant factor (times ``1 - tanh^2`` with
-    softcap). ``SCALE`` is off when the product is exactly 1, so a bias-only or entropy-only
-    call does no multiply.
-    """
-    if tf is None:
-        return dict(pre_scale=1.0, post_scale=1.0, dscale=1.0, SCALE=False, SOFTCAP=False)
-    dscale = tf.logit_scale / tf.temperature
-    if tf.softcap is not None:
-        return dict(pre_scale=tf.logit_scale / tf.softcap, post_scale=tf.softcap / tf.temperature,
-                    dscale=dscale, SCALE=False, SOFTCAP=True)
-    return dict(pre_scale=dscale, post_scale=1.0, dscale=dscale, SCALE=dscale != 1.0, SOFTCAP=False)
 
 
 def logprobs_forward(hidden, weight, labels, *, vocab_splits: int | None = None,

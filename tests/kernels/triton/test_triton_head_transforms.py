@@ -18,7 +18,7 @@ from altpo_kernels import triton as triton_backend
 from altpo_kernels.linear_logprobs import linear_logprobs
 from altpo_kernels.reference import linear_logprobs_entropy_reference
 from altpo_kernels.torch_chunked import HeadTransform
-from altpo_kernels.triton.logprobs_backward import fp16_output_scale
+from altpo_kernels.head_constants import fp16_output_scale
 from conftest import kernel_device
 
 N, H, V = 53, 37, 101
