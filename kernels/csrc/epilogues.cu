@@ -155,6 +155,18 @@ backward_epilogue_tf_kernel(const float* logits, int64_t ld_logits, void* out, i
   }
 }
 
+// The backward epilogues' grid: a block per row and kBackwardCols columns. Returns 0 with the grid
+// set, -1 for an empty tile (nothing to launch), or 1 with the message set when it exceeds a launch.
+int backward_grid(int64_t rows, int64_t cols, dim3& grid) {
+  const int64_t col_blocks = (cols + kBackwardCols - 1) / kBackwardCols;
+  if (rows > 0x7FFFFFFF || col_blocks > 65535)
+    return altpo::fail("backward epilogue: tile [%lld, %lld] exceeds one launch; use smaller chunks",
+                       (long long)rows, (long long)cols);
+  if (rows == 0 || cols == 0) return -1;
+  grid = dim3(static_cast<unsigned>(rows), static_cast<unsigned>(col_blocks));
+  return 0;
+}
+
 int launch_status(const char* what) {
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return altpo::fail("%s: CUDA launch failed: %s", what, cudaGetErrorString(err));
@@ -210,13 +222,9 @@ int altpo_backward_epilogue(const void* logits, int logits_dtype, int64_t ld_log
   if (int rc = altpo::check_backward(logits, logits_dtype, ld_logits, out, out_dtype, ld_out, rows, cols,
                                      labels, lse, g))
     return rc;
-  const int64_t col_blocks = (cols + kBackwardCols - 1) / kBackwardCols;
-  if (rows > 0x7FFFFFFF || col_blocks > 65535)
-    return altpo::fail("backward epilogue: tile [%lld, %lld] exceeds one launch; use smaller chunks",
-                       (long long)rows, (long long)cols);
-  if (rows == 0 || cols == 0) return altpo::clear_error();
+  dim3 grid;
+  if (int rc = backward_grid(rows, cols, grid)) return rc < 0 ? altpo::clear_error() : rc;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(col_blocks));
   if (logits_dtype == altpo::kF32)
     launch_backward<altpo::kF32>(out_dtype, grid, s, logits, ld_logits, out, ld_out, cols, labels, band_start, lse, g, scale);
   else if (logits_dtype == altpo::kBF16)
@@ -249,13 +257,9 @@ int altpo_backward_epilogue_tf(const float* logits, int64_t ld_logits, void* out
   if (int rc = altpo::check_backward_tf(logits, ld_logits, out, out_dtype, ld_out, rows, cols, labels,
                                         bias_band, flags, lse, mu, g, g_ent))
     return rc;
-  const int64_t col_blocks = (cols + kBackwardCols - 1) / kBackwardCols;
-  if (rows > 0x7FFFFFFF || col_blocks > 65535)
-    return altpo::fail("backward epilogue: tile [%lld, %lld] exceeds one launch; use smaller chunks",
-                       (long long)rows, (long long)cols);
-  if (rows == 0 || cols == 0) return altpo::clear_error();
+  dim3 grid;
+  if (int rc = backward_grid(rows, cols, grid)) return rc < 0 ? altpo::clear_error() : rc;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(col_blocks));
   if (out_dtype == altpo::kF32)
     backward_epilogue_tf_kernel<altpo::kF32><<<grid, kBackwardThreads, 0, s>>>(
         logits, ld_logits, out, ld_out, cols, labels, band_start, bias_band, pre, post, flags, lse, mu, g, g_ent, factor);

@@ -100,9 +100,11 @@ def variants_for(dtype: str) -> list[str]:
 
 def _matmul_config(direction: str, dt: str, variant: str, tiles) -> KernelConfig:
     """The forward kernel or the backward's G producer for one dtype and transform variant."""
-    t = tiles.logprobs(direction, {"fp32": torch.float32}.get(dt, torch.bfloat16), bool(variant))
     flags = {**dict(HAS_BIAS=False, SCALE=False, SOFTCAP=False, ENTROPY=False),
              **TRANSFORM_VARIANTS[variant]}
+    # the launchers' choice: the forward's own tile with entropy, the producer's with any flag
+    special = flags["ENTROPY"] if direction == "forward" else bool(variant)
+    t = tiles.logprobs(direction, {"fp32": torch.float32}.get(dt, torch.bfloat16), special)
     common = dict(hidden_ptr=f"*{dt}", weight_ptr=f"*{dt}", labels_ptr="*i32", bias_ptr=f"*{dt}",
                   pre_scale="fp32", post_scale="fp32")
     if direction == "forward":

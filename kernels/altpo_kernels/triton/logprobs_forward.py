@@ -310,7 +310,8 @@ def _forward(hidden, weight, labels, *, vocab_splits=None, group_n=None, bias=No
     vocab = weight.shape[0]
     device = hidden.device
     tiles = tiles_for(device)
-    t = tiles.logprobs("forward", hidden.dtype)
+    # the entropy state needs more registers: its own tile where the plain one is too large
+    t = tiles.logprobs("forward", hidden.dtype, transformed=entropy)
     slots = tiles.forward_blocks_per_sm * sm_count(device)
     if group_n is None:
         group_n = token_group(n, hidden_size, t.block_n, hidden.element_size(), slots)

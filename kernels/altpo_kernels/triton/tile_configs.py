@@ -69,17 +69,18 @@ class ArchTiles:
     forward_blocks_per_sm: int
     # 32 sequences x 256 tokens over 4 warps: 64 values a thread, no shared-memory staging.
     segment: SegmentTiles = SegmentTiles(block_s=32, block=256, num_warps=4)
-    # The 16-bit G producer with a head transform compiled in (bias, scale, softcap, entropy), where
-    # its live state does not fit the plain producer's tile (None: the plain tile).
+    # 16-bit kernels with a head transform compiled in, where its live state does not fit the plain
+    # kernel's tile (None: the plain tile): the forward with the entropy state, the G producer with
+    # any transform flag.
+    forward_transform: LogprobsTiles | None = None
     backward_transform: LogprobsTiles | None = None
 
     def logprobs(self, direction: str, dtype: torch.dtype, transformed: bool = False) -> LogprobsTiles:
         """Tiles of the ``"forward"`` or ``"backward"`` kernel for inputs of ``dtype``
-        (``transformed``: with a head transform's flags on)."""
+        (``transformed``: the forward with entropy, the G producer with any transform flag)."""
         suffix = "_fp32" if dtype == torch.float32 else ""
-        if transformed and direction == "backward" and not suffix and self.backward_transform:
-            return self.backward_transform
-        return getattr(self, direction + suffix)
+        special = getattr(self, direction + "_transform") if transformed and not suffix else None
+        return special or getattr(self, direction + suffix)
 
 
 # sm_80, mma.sync m16n8k16: 128 x 128 fp32 logits over 8 warps is 64 accumulator registers a
@@ -119,6 +120,11 @@ TILES = {
         # with every flag on, 4 B with the bias alone), so it takes the forward's 128 x 128 tile.
         backward_transform=LogprobsTiles(block_n=128, block_v=128, block_h=64, num_warps=8,
                                          num_stages=4),
+        # The transformed forward: the entropy state (a second running sum and exp(u - m) (u - m)
+        # over the tile) takes 128 x 128 to 255 registers on triton 3.6 and 8 B of spills on 3.9,
+        # so it runs 128 x 64 (m64n64k16 per warpgroup, half the accumulator registers).
+        forward_transform=LogprobsTiles(block_n=128, block_v=64, block_h=64, num_warps=8,
+                                        num_stages=4),
         forward_fp32=_SM90_FP32,
         backward_fp32=_SM90_FP32,
         elementwise=ElementwiseTiles(block=1024, num_warps=4),
@@ -173,7 +179,8 @@ def tiles_for(device: torch.device) -> ArchTiles:
         # Consumer Ampere/Ada (sm_86, sm_89): 99 KiB of shared memory per block, so every
         # pipeline is cut to two stages (the largest, the backward, then needs 96 KiB).
         tiles = replace(tiles, **{d: _with_stages(getattr(tiles, d), 2) for d in (
-            "forward", "backward", "forward_fp32", "backward_fp32", "backward_transform")
+            "forward", "backward", "forward_fp32", "backward_fp32", "forward_transform",
+            "backward_transform")
             if getattr(tiles, d) is not None})
     return tiles
 

@@ -14,19 +14,14 @@ import torch
 import csrc_build
 from altpo_kernels import cuda_backend
 from altpo_kernels.linear_logprobs import TransformedLogprobsFunction
-from altpo_kernels.reference import linear_logprobs_entropy_reference
 from altpo_kernels.torch_chunked import HeadTransform
 from conftest import kernel_device
+from kernel_cases import HEAD_TRANSFORM_CASES, transformed_reference
 
 N, H, V = 53, 29, 101
 CHUNK, BAND = 16, 24
 IGNORE = -100
-CASES = {
-    "all": dict(temperature=0.7, logit_scale=1.3, softcap=4.0),
-    "softcap-only": dict(softcap=2.5),
-    "temperature-scale": dict(temperature=1.9, logit_scale=0.45),
-    "bias-only": dict(),
-}
+CASES = HEAD_TRANSFORM_CASES
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,24 +32,16 @@ def library():
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(cuda_backend, "TOKEN_CHUNK", CHUNK)
-    monkeypatch.setattr(cuda_backend, "VOCAB_BAND", BAND)
-    real = cuda_backend.transformed_backward
+    """Both directions walk 16-token chunks and 24-entry bands."""
+    for name in ("transformed_forward", "transformed_backward"):
+        real = getattr(cuda_backend, name)
 
-    def small(*args, **kwargs):
-        kwargs.setdefault("token_chunk", CHUNK)
-        kwargs.setdefault("vocab_band", BAND)
-        return real(*args, **kwargs)
+        def small(*args, _real=real, **kwargs):
+            kwargs.setdefault("token_chunk", CHUNK)
+            kwargs.setdefault("vocab_band", BAND)
+            return _real(*args, **kwargs)
 
-    monkeypatch.setattr(cuda_backend, "transformed_backward", small)
-    forward = cuda_backend.transformed_forward
-
-    def small_forward(*args, **kwargs):
-        kwargs.setdefault("token_chunk", CHUNK)
-        kwargs.setdefault("vocab_band", BAND)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(cuda_backend, "transformed_forward", small_forward)
+        monkeypatch.setattr(cuda_backend, name, small)
 
 
 def _inputs(dtype, seed):
@@ -69,12 +56,7 @@ def _inputs(dtype, seed):
 
 
 def _reference(hidden, weight, bias, labels, a, c, **tf):
-    h = hidden.detach().cpu().double().requires_grad_()
-    w = weight.detach().cpu().double().requires_grad_()
-    b = bias.detach().cpu().double().requires_grad_()
-    logp, ent = linear_logprobs_entropy_reference(h, w, labels.cpu(), bias=b, ignore_index=IGNORE, **tf)
-    ((logp * a.cpu().double()).sum() + (ent * c.cpu().double()).sum()).backward()
-    return logp.detach(), ent.detach(), h.grad, w.grad, b.grad
+    return transformed_reference(hidden, weight, bias, labels, a, c, ignore_index=IGNORE, **tf)
 
 
 # 16-bit inputs are exact in float64; the gradients carry one 16-bit rounding of each G entry,

@@ -113,8 +113,10 @@ def test_table_lists_every_configuration(report):
 
 def test_transform_variants_keep_the_plain_kernels_shape(report):
     """A transform flag only adds work to the tile: the variants use the same tensor-core shapes as
-    the plain kernel of their dtype, and on sm_90 the transformed G producer runs the 128 x 128 tile
-    (at the plain producer's 128 x 256 its extra live state spilled)."""
+    the plain kernel of their dtype, except on sm_90 (16-bit), where the transformed G producer
+    runs the forward's 128 x 128 tile (at the plain producer's 128 x 256 its extra live state
+    spilled) and the forward with entropy runs 128 x 64 (at 128 x 128 it reached 255 registers
+    on triton 3.6 and spilled on 3.9)."""
     rows = {(r["arch"], r["kernel"]): r for r in report}
     for (arch, name), r in rows.items():
         if "," not in name:
@@ -125,6 +127,10 @@ def test_transform_variants_keep_the_plain_kernels_shape(report):
         if arch == "sm_90" and name.startswith("grad_logits[") and dtype != "fp32":
             same_as = rows[(arch, f"logprobs_forward[{dtype}]")]
             assert r["tiles"] == "128x128x64" == same_as["tiles"], (name, r["tiles"])
+        elif arch == "sm_90" and dtype != "fp32" and name.endswith(("entropy]", "all]")):
+            assert r["tiles"] == "128x64x64", (name, r["tiles"])
+            assert r["mma_shapes"] == ["m64n64k16"], (name, r["mma_shapes"])
+            continue
         else:
             same_as = plain
         assert r["tiles"] == same_as["tiles"], (arch, name)

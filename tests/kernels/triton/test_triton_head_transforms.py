@@ -15,21 +15,16 @@ import pytest
 import torch
 
 from altpo_kernels import triton as triton_backend
-from altpo_kernels.linear_logprobs import linear_logprobs
-from altpo_kernels.reference import linear_logprobs_entropy_reference
-from altpo_kernels.torch_chunked import HeadTransform
 from altpo_kernels.head_constants import fp16_output_scale
+from altpo_kernels.linear_logprobs import linear_logprobs
+from altpo_kernels.torch_chunked import HeadTransform
 from conftest import kernel_device
+from kernel_cases import HEAD_TRANSFORM_CASES, transformed_reference
 
 N, H, V = 53, 37, 101
 IGNORE = -100
 
-CASES = {
-    "all": dict(temperature=0.7, logit_scale=1.3, softcap=4.0),
-    "softcap-only": dict(softcap=2.5),
-    "temperature-scale": dict(temperature=1.9, logit_scale=0.45),
-    "bias-only": dict(),
-}
+CASES = HEAD_TRANSFORM_CASES
 
 
 @pytest.fixture(autouse=True)
@@ -55,16 +50,7 @@ def _inputs(dtype, seed, n=N, ignore_every=5):
 
 
 def _reference(hidden, weight, bias, labels, a, c, **tf):
-    h = hidden.detach().cpu().double().requires_grad_()
-    w = weight.detach().cpu().double().requires_grad_()
-    b = bias.detach().cpu().double().requires_grad_() if bias is not None else None
-    logp, ent = linear_logprobs_entropy_reference(h, w, labels.cpu(), bias=b, ignore_index=IGNORE,
-                                                  **tf)
-    loss = (logp * a.cpu().double()).sum()
-    if c is not None:
-        loss = loss + (ent * c.cpu().double()).sum()
-    loss.backward()
-    return logp.detach(), ent.detach(), h.grad, w.grad, (b.grad if b is not None else None)
+    return transformed_reference(hidden, weight, bias, labels, a, c, ignore_index=IGNORE, **tf)
 
 
 # 16-bit inputs are exact in float64; the gradients carry one 16-bit rounding of each G entry (2**-9
