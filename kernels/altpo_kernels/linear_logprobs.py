@@ -140,7 +140,8 @@ def linear_logprobs(hidden, weight, labels, *, ignore_index: int = -100, backend
         hidden: [N, H] float32, bfloat16 or float16; ``hidden[t]`` predicts ``labels[t]`` (no shift).
         weight: [V, H], the lm_head weight, same dtype and device as ``hidden``.
         labels: [N] int64 token ids; ``ignore_index`` marks tokens to skip (their log-prob is 0).
-        backend: ``"auto"`` (triton on CUDA, torch on CPU), ``"triton"``, ``"torch"`` or
+        backend: ``"auto"`` (triton on CUDA, torch on CPU), ``"triton"``, ``"torch"``, ``"cuda"``
+            (cuBLAS tiles + the C++ epilogues of ``scripts/build_csrc.sh``; CUDA tensors) or
             ``"reference"`` (materialised float64, for tests).
         bias: [V] LM-head bias (same dtype and device), added to the logits.
         logit_scale: multiplies the logits (after the bias; Granite-style models pass 1 /
