@@ -11,7 +11,7 @@ entries make N = 53, V = 101 walk 4 x 5 ragged tiles in both directions.
 import pytest
 import torch
 
-import csrc_build
+from csrc_build import backend_library_for_module  # noqa: F401  (autouse: loads the library)
 from altpo_kernels import cuda_backend
 from altpo_kernels.linear_logprobs import TransformedLogprobsFunction
 from altpo_kernels.torch_chunked import HeadTransform
@@ -22,12 +22,6 @@ N, H, V = 53, 29, 101
 CHUNK, BAND = 16, 24
 IGNORE = -100
 CASES = HEAD_TRANSFORM_CASES
-
-
-@pytest.fixture(scope="module", autouse=True)
-def library():
-    with csrc_build.backend_library(kernel_device()) as lib:
-        yield lib
 
 
 @pytest.fixture(autouse=True)
