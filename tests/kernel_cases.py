@@ -45,3 +45,30 @@ def random_packed_batch(seq_lens, num_pairs, h, v, dtype, device, seed, retain=2
                    lose_seqs=lose, retain_seqs=retain_seqs, ref_win_logps=ref_win,
                    ref_lose_logps=ref_lose)
     return {k: t.to(device) for k, t in tensors.items()}
+
+
+# Head transforms (linear_logprobs' bias / logit_scale / softcap / temperature) that the fused
+# backends' tests run: every one together, each alone, and the bias with none.
+HEAD_TRANSFORM_CASES = {
+    "all": dict(temperature=0.7, logit_scale=1.3, softcap=4.0),
+    "softcap-only": dict(softcap=2.5),
+    "temperature-scale": dict(temperature=1.9, logit_scale=0.45),
+    "bias-only": dict(),
+}
+
+
+def transformed_reference(hidden, weight, bias, labels, a, c, ignore_index=-100, **tf):
+    """(logp, entropy, dH, dW, db) in float64 of ``sum a logp + c entropy`` for the transformed
+    head (``c`` None: logp only; ``bias`` None: no bias and db None), by autograd."""
+    from altpo_kernels.reference import linear_logprobs_entropy_reference
+
+    h = hidden.detach().cpu().double().requires_grad_()
+    w = weight.detach().cpu().double().requires_grad_()
+    b = bias.detach().cpu().double().requires_grad_() if bias is not None else None
+    logp, ent = linear_logprobs_entropy_reference(h, w, labels.cpu(), bias=b, ignore_index=ignore_index,
+                                                  **tf)
+    loss = (logp * a.cpu().double()).sum()
+    if c is not None:
+        loss = loss + (ent * c.cpu().double()).sum()
+    loss.backward()
+    return logp.detach(), ent.detach(), h.grad, w.grad, (b.grad if b is not None else None)

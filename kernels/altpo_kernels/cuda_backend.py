@@ -44,7 +44,7 @@ __all__ = [
 BUILD_COMMAND = "cmake -S . -B build && cmake --build build"
 LIBRARY_ENV = {"cuda": "ALTPO_CSRC_LIB", "host": "ALTPO_CSRC_HOST_LIB"}
 LIBRARY_FILE = {"cuda": "libaltpo_csrc.so", "host": "libaltpo_csrc_host.so"}
-ABI_VERSION = 1
+ABI_VERSION = 2
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Forward tile: [TOKEN_CHUNK, VOCAB_BAND] fp32 logits, 64 MiB, reused for every (chunk, band). Each
@@ -131,6 +131,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.altpo_forward_epilogue.argtypes = [ptr, i32, i64, i64, i64, ptr, i64, ptr, ptr, ptr, u64]
     lib.altpo_backward_epilogue.restype = i32
     lib.altpo_backward_epilogue.argtypes = [ptr, i32, i64, ptr, i32, i64, i64, i64, ptr, i64, ptr, ptr, f32, u64]
+    lib.altpo_forward_epilogue_tf.restype = i32
+    lib.altpo_forward_epilogue_tf.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, f32, f32, i32, ptr, ptr, ptr,
+                                              ptr, u64]
+    lib.altpo_backward_epilogue_tf.restype = i32
+    lib.altpo_backward_epilogue_tf.argtypes = [ptr, i64, ptr, i32, i64, i64, i64, ptr, i64, ptr, f32, f32, i32,
+                                               ptr, ptr, ptr, ptr, f32, u64]
 
 
 def library_status() -> str:
@@ -384,6 +390,116 @@ def logprobs_backward(hidden, weight, labels, lse, grad_logp, need_dh=True, need
     grad = grad_logp.contiguous().float()
     return loop(hidden, weight, labels, lse.contiguous().float(), grad, need_dh, need_dw,
                 produce_g=make_g_producer(grad, own_scale=False))
+
+
+# ------------------------------------------------------------------------------------------------
+# Head transforms (bias, logit scale, softcap, temperature, entropy): the interface of
+# torch_chunked.transformed_forward / transformed_backward, with the *_tf epilogues on the fp32
+# logits tiles. The flags are those of altpo_math.h.
+
+_HAS_BIAS, _SCALE, _SOFTCAP, _ENTROPY = 1, 2, 4, 8
+
+
+def _tf_flags(k: dict, has_bias: bool, entropy: bool) -> int:
+    return ((_HAS_BIAS if has_bias else 0) | (_SCALE if k["SCALE"] else 0)
+            | (_SOFTCAP if k["SOFTCAP"] else 0) | (_ENTROPY if entropy else 0))
+
+
+def _ptr(t) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def transformed_forward(hidden, weight, labels, bias, tf, *, entropy: bool = True,
+                        token_chunk: int = TOKEN_CHUNK, vocab_band: int = VOCAB_BAND):
+    """``(logp, entropy, lse, mu)`` fp32 [N] (entropy and mu None without ``entropy``): torch.mm
+    fp32 logits tiles folded by the transformed forward epilogue."""
+    from .head_constants import transform_constants
+
+    n, v = hidden.shape[0], weight.shape[0]
+    device = hidden.device
+    lib = _library_for(device)
+    k = transform_constants(tf)
+    flags = _tf_flags(k, bias is not None, entropy)
+    bias32 = bias.float().contiguous() if bias is not None else None
+    labels32 = labels.to(torch.int32).contiguous()
+    run_max = torch.full((n,), float("-inf"), dtype=torch.float32, device=device)
+    run_sum = torch.zeros(n, dtype=torch.float32, device=device)
+    run_ent = torch.zeros(n, dtype=torch.float32, device=device) if entropy else None
+    picked = torch.zeros(n, dtype=torch.float32, device=device)
+    workspace = _Workspace(device)
+    with _device_guard(device):
+        for t0 in range(0, n, token_chunk):
+            t1 = min(n, t0 + token_chunk)
+            for v0 in range(0, v, vocab_band):
+                v1 = min(v, v0 + vocab_band)
+                tile = workspace.tile(t1 - t0, v1 - v0)
+                logits_tile_fp32(hidden[t0:t1], weight[v0:v1], tile)
+                _check(lib, lib.altpo_forward_epilogue_tf(
+                    tile.data_ptr(), t1 - t0, v1 - v0, v1 - v0, labels32[t0:t1].data_ptr(), v0,
+                    _ptr(bias32[v0:v1] if bias32 is not None else None), k["pre_scale"],
+                    k["post_scale"], flags, run_max[t0:t1].data_ptr(), run_sum[t0:t1].data_ptr(),
+                    _ptr(run_ent[t0:t1] if entropy else None), picked[t0:t1].data_ptr(),
+                    _stream(device)))
+    lse = run_max + torch.log(run_sum)
+    if not entropy:
+        return picked - lse, None, lse, None
+    ent = torch.log(run_sum) - run_ent / run_sum
+    return picked - lse, ent, lse, lse - ent
+
+
+def transformed_backward(hidden, weight, labels, bias, tf, lse, mu, g_logp, g_ent, need_dh: bool,
+                         need_dw: bool, need_db: bool, *, token_chunk=None, vocab_band=None):
+    """dH, dW, db of ``sum_t g_logp[t] logp_t + g_ent[t] entropy_t`` (``g_ent`` None: no entropy
+    term): the shared chunk loop with the transformed backward epilogue as its G producer. With
+    entropy the per-token inputs travel as [N, 2] rows, (lse, mu) and (g_logp, g_ent). db is the
+    column sum of the fp32 G of each (band, chunk), added in the loop's fixed order."""
+    from .chunked_backward import fp16_scale
+    from .head_constants import fp16_output_scale, transform_constants
+
+    lib = _library_for(hidden.device)
+    loop = _chunk_loop()
+    entropy = g_ent is not None
+    k = transform_constants(tf)
+    flags = _tf_flags(k, bias is not None, entropy)
+    bias32 = bias.float().contiguous() if bias is not None else None
+    stats = torch.stack([lse.float(), mu.float()], 1) if entropy else lse.float().contiguous()
+    grads = torch.stack([g_logp.float(), g_ent.float()], 1) if entropy else g_logp.float().contiguous()
+    db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_db else None
+    if not (need_dh or need_dw or need_db):
+        return None, None, db
+    workspace = _Workspace(hidden.device)
+    vocab = weight.shape[0]
+
+    def produce_g(h_chunk, w_band, labels_chunk, lse_chunk, g_chunk, band_start: int, out) -> float:
+        rows, cols = h_chunk.shape[0], w_band.shape[0]
+        s = fp16_output_scale(k["dscale"], entropy, vocab) if out.dtype == torch.float16 else 1.0
+        logits = out if out.dtype == torch.float32 else workspace.tile(rows, cols)
+        # with db, G goes to the fp32 tile first (in place) so that its column sums are fp32
+        target = logits if db is not None else out
+        cols_of = (lambda t, i: t[:, i].contiguous()) if entropy else (lambda t, i: t.contiguous())
+        lse_c, g_c = cols_of(lse_chunk, 0), cols_of(g_chunk, 0)
+        mu_c = cols_of(lse_chunk, 1) if entropy else None
+        ge_c = cols_of(g_chunk, 1) if entropy else None
+        with _device_guard(out.device):
+            logits_tile_fp32(h_chunk, w_band, logits)
+            _check(lib, lib.altpo_backward_epilogue_tf(
+                logits.data_ptr(), cols, target.data_ptr(), _DTYPE_CODES[target.dtype], cols, rows, cols,
+                labels_chunk.to(torch.int32).contiguous().data_ptr(), int(band_start),
+                _ptr(bias32[band_start:band_start + cols] if bias32 is not None else None),
+                k["pre_scale"], k["post_scale"], flags, lse_c.data_ptr(), _ptr(mu_c),
+                g_c.data_ptr(), _ptr(ge_c), k["dscale"] * s, _stream(out.device)))
+            if db is not None:
+                part = target.sum(0)
+                db[band_start:band_start + cols] += part if s == 1.0 else part / s
+                if target is not out:
+                    out.copy_(target)
+        return s
+
+    dh, dw = loop(hidden, weight, labels, stats, grads, need_dh or not need_dw, need_dw,
+                  produce_g=produce_g, token_chunk=token_chunk, vocab_band=vocab_band)
+    if need_db and hidden.dtype == torch.float16:
+        db /= fp16_scale(grads.abs().amax())  # the loop's fp16 scale on the upstream gradients
+    return (dh if need_dh else None), dw, db
 
 
 if __name__ == "__main__":

@@ -69,32 +69,40 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
 
 class TransformedLogprobsFunction(torch.autograd.Function):
-    """``(logp, entropy)`` of a head with bias / logit scale / soft-capping / temperature (the
-    torch backend's tiled path, ``torch_chunked.transformed_forward``); ignored rows give 0."""
+    """``(logp, entropy)`` of a head with bias / logit scale / soft-capping / temperature, by the
+    backend's ``transformed_forward`` / ``transformed_backward`` (torch: the tiled plain-torch path
+    of ``torch_chunked``; triton: the fused kernels with the transform compiled in; cuda: cuBLAS
+    logits tiles and the transformed C++ epilogues); ignored rows give 0. With ``entropy`` False the triton and cuda kernels skip the entropy state (entropy is
+    then 0)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index: int, tf):
-        from . import torch_chunked
-
+    def forward(ctx, hidden, weight, bias, labels, ignore_index: int, tf, backend: str, entropy: bool):
+        impl = backend_module(backend)
         valid = labels != ignore_index
         rows = valid.nonzero().squeeze(1)
         h = hidden.index_select(0, rows).contiguous()
         lab = labels.index_select(0, rows).long().contiguous()
         logp = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        entropy = torch.zeros_like(logp)
+        ent_out = torch.zeros_like(logp)
         lse = mu = torch.empty(0, dtype=torch.float32, device=hidden.device)
         if h.shape[0]:
-            lp, ent, lse, mu = torch_chunked.transformed_forward(h, weight.contiguous(), lab, bias, tf)
-            logp[rows], entropy[rows] = lp, ent
+            if backend == "torch":
+                lp, ent, lse, mu = impl.transformed_forward(h, weight.contiguous(), lab, bias, tf)
+            else:
+                lp, ent, lse, mu = impl.transformed_forward(h, weight.contiguous(), lab, bias, tf,
+                                                            entropy=entropy)
+            logp[rows] = lp
+            if ent is not None:
+                ent_out[rows] = ent
+            if mu is None:
+                mu = torch.empty(0, dtype=torch.float32, device=hidden.device)
         ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), labels,
                               rows, lse, mu)
-        ctx.has_bias, ctx.tf = bias is not None, tf
-        return logp, entropy
+        ctx.has_bias, ctx.tf, ctx.backend, ctx.entropy = bias is not None, tf, backend, entropy
+        return logp, ent_out
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        from . import torch_chunked
-
         hidden, weight, bias, labels, rows, lse, mu = ctx.saved_tensors
         bias = bias if ctx.has_bias else None
         need_dh, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], \
@@ -102,22 +110,25 @@ class TransformedLogprobsFunction(torch.autograd.Function):
         dh = torch.zeros_like(hidden) if need_dh else None
         dw = torch.zeros_like(weight) if need_dw else None
         db = torch.zeros_like(bias) if need_db else None
+        if not ctx.entropy:
+            grad_entropy = None  # the entropy output was not asked for: its gradient is unused
         if rows.numel() == 0 or (grad_logp is None and grad_entropy is None):
-            return dh, dw, db, None, None, None
+            return dh, dw, db, None, None, None, None, None
         g_lp = (grad_logp.index_select(0, rows).float() if grad_logp is not None
                 else torch.zeros(rows.numel(), device=hidden.device))
         g_ent = grad_entropy.index_select(0, rows).float() if grad_entropy is not None else None
         h = hidden.index_select(0, rows).contiguous()
         lab = labels.index_select(0, rows).long().contiguous()
-        gh, gw, gb = torch_chunked.transformed_backward(h, weight.contiguous(), lab, bias, ctx.tf,
-                                                        lse, mu, g_lp, g_ent, need_dh, need_dw, need_db)
+        gh, gw, gb = backend_module(ctx.backend).transformed_backward(
+            h, weight.contiguous(), lab, bias, ctx.tf, lse, mu, g_lp, g_ent, need_dh, need_dw,
+            need_db)
         if need_dh:
             dh.index_copy_(0, rows, gh.to(hidden.dtype))
         if need_dw:
             dw = gw.to(weight.dtype)
         if need_db:
             db = gb.to(bias.dtype)
-        return dh, dw, db, None, None, None
+        return dh, dw, db, None, None, None, None, None
 
 
 def linear_logprobs(hidden, weight, labels, *, ignore_index: int = -100, backend: str = "auto",
@@ -129,7 +140,8 @@ def linear_logprobs(hidden, weight, labels, *, ignore_index: int = -100, backend
         hidden: [N, H] float32, bfloat16 or float16; ``hidden[t]`` predicts ``labels[t]`` (no shift).
         weight: [V, H], the lm_head weight, same dtype and device as ``hidden``.
         labels: [N] int64 token ids; ``ignore_index`` marks tokens to skip (their log-prob is 0).
-        backend: ``"auto"`` (triton on CUDA, torch on CPU), ``"triton"``, ``"torch"`` or
+        backend: ``"auto"`` (triton on CUDA, torch on CPU), ``"triton"``, ``"torch"``, ``"cuda"``
+            (cuBLAS tiles + the C++ epilogues of ``scripts/build_csrc.sh``; CUDA tensors) or
             ``"reference"`` (materialised float64, for tests).
         bias: [V] LM-head bias (same dtype and device), added to the logits.
         logit_scale: multiplies the logits (after the bias; Granite-style models pass 1 /
@@ -139,8 +151,10 @@ def linear_logprobs(hidden, weight, labels, *, ignore_index: int = -100, backend
         return_entropy: also return the per-token entropy of the (transformed) distribution, fp32
             [N], 0 for ignored tokens; then the result is ``(logp, entropy)``, both differentiable.
 
-    With any of bias / logit_scale / softcap / temperature / return_entropy the plain-torch tiled
-    path runs (``"auto"`` picks it; ``"triton"`` and ``"cuda"`` do not implement them and raise).
+    With any of bias / logit_scale / softcap / temperature / return_entropy the triton backend
+    (``"auto"`` on CUDA) runs its kernels with the transform compiled into each logits tile, the
+    cuda backend its transformed epilogues on cuBLAS logits tiles, and the torch backend
+    (``"auto"`` on the CPU) its tiled path.
     Differentiable with respect to ``hidden``, ``weight`` (and ``bias``); never holds the [N, V]
     logits (except with ``backend="reference"``).
     """
@@ -162,18 +176,13 @@ def linear_logprobs(hidden, weight, labels, *, ignore_index: int = -100, backend
             raise ValueError(f"bias must have the weight's dtype and device ({weight.dtype}, "
                              f"{weight.device}), got {bias.dtype}, {bias.device}; convert it with "
                              f"bias.to(weight)")
-    if backend in ("triton", "cuda"):
-        raise ValueError(f'backend="{backend}" does not implement bias, logit_scale, softcap, '
-                         f'temperature or return_entropy; use backend="torch" (or "auto", which picks '
-                         f"it for these options)")
     if backend == "reference":
         logp, entropy = linear_logprobs_entropy_reference(
             hidden, weight, labels, bias=bias, temperature=tf.temperature,
             logit_scale=tf.logit_scale, softcap=tf.softcap, ignore_index=ignore_index)
         logp, entropy = logp.float(), entropy.float()
-    elif backend in ("auto", "torch"):
-        logp, entropy = TransformedLogprobsFunction.apply(hidden, weight, bias, labels, ignore_index, tf)
     else:
-        resolve_backend(backend, hidden.device)  # raises its own error for unknown names
-        raise ValueError(f"unknown backend {backend!r}")
+        name = resolve_backend(backend, hidden.device)  # raises its own error for unknown names
+        logp, entropy = TransformedLogprobsFunction.apply(hidden, weight, bias, labels, ignore_index,
+                                                          tf, name, bool(return_entropy))
     return (logp, entropy) if return_entropy else logp

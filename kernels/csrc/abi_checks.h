@@ -88,4 +88,35 @@ inline int check_backward(const void* logits, int logits_dtype, int64_t ld_logit
   return check_vector("backward epilogue g", g, rows);
 }
 
+// The *_tf entry points: fp32 logits, the flag-dependent vectors present.
+inline int check_transform(const char* what, int64_t rows, int64_t cols, const float* bias_band,
+                           int flags) {
+  if (flags & ~(kHasBias | kScale | kSoftcap | kEntropy))
+    return fail("%s: unknown transform flags 0x%x", what, flags);
+  if ((flags & kHasBias) && cols > 0 && rows > 0 && bias_band == nullptr)
+    return fail("%s: the bias flag is set but bias_band is null", what);
+  return 0;
+}
+
+inline int check_forward_tf(const float* logits, int64_t rows, int64_t cols, int64_t ld,
+                            const int32_t* labels, const float* bias_band, int flags,
+                            const float* run_max, const float* run_sum, const float* run_ent,
+                            const float* label_logit) {
+  if (int rc = check_forward(logits, kF32, rows, cols, ld, labels, run_max, run_sum, label_logit)) return rc;
+  if (int rc = check_transform("forward epilogue", rows, cols, bias_band, flags)) return rc;
+  return (flags & kEntropy) ? check_vector("forward epilogue run_ent", run_ent, rows) : 0;
+}
+
+inline int check_backward_tf(const float* logits, int64_t ld_logits, const void* out, int out_dtype,
+                             int64_t ld_out, int64_t rows, int64_t cols, const int32_t* labels,
+                             const float* bias_band, int flags, const float* lse, const float* mu,
+                             const float* g, const float* g_ent) {
+  if (int rc = check_backward(logits, kF32, ld_logits, out, out_dtype, ld_out, rows, cols, labels, lse, g))
+    return rc;
+  if (int rc = check_transform("backward epilogue", rows, cols, bias_band, flags)) return rc;
+  if (!(flags & kEntropy)) return 0;
+  if (int rc = check_vector("backward epilogue mu", mu, rows)) return rc;
+  return check_vector("backward epilogue g_ent", g_ent, rows);
+}
+
 }  // namespace altpo

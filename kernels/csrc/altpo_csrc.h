@@ -17,7 +17,7 @@
 extern "C" {
 #endif
 
-#define ALTPO_CSRC_ABI_VERSION 1
+#define ALTPO_CSRC_ABI_VERSION 2
 
 // The libraries are built with hidden visibility; only these functions are exported.
 #define ALTPO_API __attribute__((visibility("default")))
@@ -47,6 +47,26 @@ ALTPO_API int altpo_backward_epilogue(const void* logits, int logits_dtype, int6
                             int out_dtype, int64_t ld_out, int64_t rows, int64_t cols,
                             const int32_t* labels, int64_t band_start, const float* lse,
                             const float* g, float scale, uint64_t stream);
+
+// Head transforms (version 2): the fp32 logits tile [rows, cols] of the band starting at band_start;
+// bias_band (fp32, cols entries, the band's slice; read only with flag 1) and the flags of
+// altpo_math.h (1 bias, 2 scale, 4 softcap, 8 entropy) with pre / post. The forward folds u into
+// (run_max, run_sum) and, with flag 8, run_ent (sum exp(u - max) (u - max)), and picks u of the
+// label. The backward writes factor * (1 - t^2 with softcap, t the tanh) * (g (onehot - p) -
+// g_ent p (u - mu)), the last term only with flag 8 (mu and g_ent are read only then); pass
+// factor = logit_scale / temperature * the G scale. out may be the logits tile itself (fp32).
+ALTPO_API int altpo_forward_epilogue_tf(const float* logits, int64_t rows, int64_t cols, int64_t ld,
+                                        const int32_t* labels, int64_t band_start,
+                                        const float* bias_band, float pre, float post, int flags,
+                                        float* run_max, float* run_sum, float* run_ent,
+                                        float* label_logit, uint64_t stream);
+
+ALTPO_API int altpo_backward_epilogue_tf(const float* logits, int64_t ld_logits, void* out, int out_dtype,
+                                         int64_t ld_out, int64_t rows, int64_t cols,
+                                         const int32_t* labels, int64_t band_start,
+                                         const float* bias_band, float pre, float post, int flags,
+                                         const float* lse, const float* mu, const float* g,
+                                         const float* g_ent, float factor, uint64_t stream);
 
 #ifdef __cplusplus
 }

@@ -146,4 +146,64 @@ ALTPO_HD float grad_entry(float z, float lse, bool is_label, float g_scaled) {
   return ((is_label ? 1.0f : 0.0f) - p) * g_scaled;
 }
 
+// ------------------------------------------------------------------------------------------------
+// Head transforms (the *_tf entry points): u = post * tanh(pre * (z + b)) with kSoftcap, else
+// u = pre * (z + b) with kScale, else u = z + b; b only with kHasBias. With kEntropy the forward
+// also keeps e = sum exp(u - m) (u - m), so that entropy = log(s) - e / s, and the backward adds
+// -g_ent p (u - mu). The derivative du/dz is dscale (1 - t^2) with softcap (t the tanh), else
+// dscale; the caller folds dscale (and a G scale) into `factor`.
+
+enum TransformFlag : int { kHasBias = 1, kScale = 2, kSoftcap = 4, kEntropy = 8 };
+
+// tanh from one exponential, exactly +-1 once exp overflows or underflows (never NaN).
+ALTPO_HD float tanh_exp(float x) { return 1.0f - 2.0f / (expf(2.0f * x) + 1.0f); }
+
+// u of one logit z (column j of the band), and t, the tanh (softcap only; else 0).
+ALTPO_HD float head_logit(float z, const float* bias, int64_t j, float pre, float post, int flags,
+                          float& t) {
+  if (flags & kHasBias) z += bias[j];
+  t = 0.0f;
+  if (flags & kSoftcap) {
+    t = tanh_exp(pre * z);
+    return post * t;
+  }
+  return (flags & kScale) ? pre * z : z;
+}
+
+// Fold u into (m, s, e); -inf adds nothing. The old terms move to a new max m': e' = r (e + s (m -
+// m')) with r = exp(m - m'); the new term contributes exp(0) * 0.
+ALTPO_HD void ent_push(float& m, float& s, float& e, float u) {
+  if (u > m) {
+    float r = expf(m - u);
+    e = s > 0.0f ? (e + s * (m - u)) * r : 0.0f;
+    s = s * r + 1.0f;
+    m = u;
+  } else if (u != -INFINITY) {
+    float d = u - m, x = expf(d);
+    s += x;
+    e += x * d;
+  }
+}
+
+// Merge (m2, s2, e2) into (m, s, e), both moved to the larger max.
+ALTPO_HD void ent_merge(float& m, float& s, float& e, float m2, float s2, float e2) {
+  float top = fmaxf(m, m2);
+  if (top == -INFINITY) return;
+  float r1 = expf(m - top), r2 = expf(m2 - top);
+  float a = s > 0.0f ? (e + s * (m - top)) * r1 : 0.0f;
+  float b = s2 > 0.0f ? (e2 + s2 * (m2 - top)) * r2 : 0.0f;
+  s = s * r1 + s2 * r2;
+  e = a + b;
+  m = top;
+}
+
+// One entry of factor * du/dz-scaled G for the transformed head.
+ALTPO_HD float grad_entry_tf(float u, float t, float lse, float mu, bool is_label, float g, float g_ent,
+                             float factor, int flags) {
+  float p = expf(u - lse);
+  float grad = g * ((is_label ? 1.0f : 0.0f) - p);
+  if (flags & kEntropy) grad -= g_ent * p * (u - mu);
+  return grad * ((flags & kSoftcap) ? factor * (1.0f - t * t) : factor);
+}
+
 }  // namespace altpo

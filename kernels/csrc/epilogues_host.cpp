@@ -44,6 +44,43 @@ void backward_dispatch_out(int out_dtype, const void* logits, int64_t ld_logits,
     backward_rows<IN, altpo::kF16>(logits, ld_logits, out, ld_out, rows, cols, labels, band_start, lse, g, scale);
 }
 
+void forward_rows_tf(const float* logits, int64_t rows, int64_t cols, int64_t ld, const int32_t* labels,
+                     int64_t band_start, const float* bias, float pre, float post, int flags,
+                     float* run_max, float* run_sum, float* run_ent, float* label_logit) {
+  float t;
+  for (int64_t i = 0; i < rows; ++i) {
+    float m = -INFINITY, s = 0.0f, e = 0.0f;
+    for (int64_t j = 0; j < cols; ++j)
+      altpo::ent_push(m, s, e, altpo::head_logit(logits[i * ld + j], bias, j, pre, post, flags, t));
+    float rm = run_max[i], rs = run_sum[i], re = (flags & altpo::kEntropy) ? run_ent[i] : 0.0f;
+    altpo::ent_merge(rm, rs, re, m, s, e);
+    run_max[i] = rm;
+    run_sum[i] = rs;
+    if (flags & altpo::kEntropy) run_ent[i] = re;
+    int64_t local = static_cast<int64_t>(labels[i]) - band_start;
+    if (local >= 0 && local < cols)
+      label_logit[i] = altpo::head_logit(logits[i * ld + local], bias, local, pre, post, flags, t);
+  }
+}
+
+template <int OUT>
+void backward_rows_tf(const float* logits, int64_t ld_logits, void* out, int64_t ld_out, int64_t rows,
+                      int64_t cols, const int32_t* labels, int64_t band_start, const float* bias,
+                      float pre, float post, int flags, const float* lse, const float* mu,
+                      const float* g, const float* g_ent, float factor) {
+  const bool ent = flags & altpo::kEntropy;
+  for (int64_t i = 0; i < rows; ++i) {
+    int64_t local = static_cast<int64_t>(labels[i]) - band_start;
+    for (int64_t j = 0; j < cols; ++j) {
+      float t;
+      float u = altpo::head_logit(logits[i * ld_logits + j], bias, j, pre, post, flags, t);
+      altpo::store_from_float<OUT>(out, i * ld_out + j,
+                                   altpo::grad_entry_tf(u, t, lse[i], ent ? mu[i] : 0.0f, j == local, g[i],
+                                                        ent ? g_ent[i] : 0.0f, factor, flags));
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -80,6 +117,38 @@ int altpo_backward_epilogue(const void* logits, int logits_dtype, int64_t ld_log
     backward_dispatch_out<altpo::kBF16>(out_dtype, logits, ld_logits, out, ld_out, rows, cols, labels, band_start, lse, g, scale);
   else
     backward_dispatch_out<altpo::kF16>(out_dtype, logits, ld_logits, out, ld_out, rows, cols, labels, band_start, lse, g, scale);
+  return altpo::clear_error();
+}
+
+int altpo_forward_epilogue_tf(const float* logits, int64_t rows, int64_t cols, int64_t ld,
+                              const int32_t* labels, int64_t band_start, const float* bias_band, float pre,
+                              float post, int flags, float* run_max, float* run_sum, float* run_ent,
+                              float* label_logit, uint64_t /*stream*/) {
+  if (int rc = altpo::check_forward_tf(logits, rows, cols, ld, labels, bias_band, flags, run_max, run_sum,
+                                       run_ent, label_logit))
+    return rc;
+  forward_rows_tf(logits, rows, cols, ld, labels, band_start, bias_band, pre, post, flags, run_max, run_sum,
+                  run_ent, label_logit);
+  return altpo::clear_error();
+}
+
+int altpo_backward_epilogue_tf(const float* logits, int64_t ld_logits, void* out, int out_dtype, int64_t ld_out,
+                               int64_t rows, int64_t cols, const int32_t* labels, int64_t band_start,
+                               const float* bias_band, float pre, float post, int flags, const float* lse,
+                               const float* mu, const float* g, const float* g_ent, float factor,
+                               uint64_t /*stream*/) {
+  if (int rc = altpo::check_backward_tf(logits, ld_logits, out, out_dtype, ld_out, rows, cols, labels,
+                                        bias_band, flags, lse, mu, g, g_ent))
+    return rc;
+  if (out_dtype == altpo::kF32)
+    backward_rows_tf<altpo::kF32>(logits, ld_logits, out, ld_out, rows, cols, labels, band_start, bias_band,
+                                  pre, post, flags, lse, mu, g, g_ent, factor);
+  else if (out_dtype == altpo::kBF16)
+    backward_rows_tf<altpo::kBF16>(logits, ld_logits, out, ld_out, rows, cols, labels, band_start, bias_band,
+                                   pre, post, flags, lse, mu, g, g_ent, factor);
+  else
+    backward_rows_tf<altpo::kF16>(logits, ld_logits, out, ld_out, rows, cols, labels, band_start, bias_band,
+                                  pre, post, flags, lse, mu, g, g_ent, factor);
   return altpo::clear_error();
 }
 

@@ -108,8 +108,8 @@ def test_entropy_only_gradient_and_all_ignored():
 
 def test_clear_errors():
     hidden, weight, bias, labels, _, _ = _inputs(torch.float32, 5)
-    with pytest.raises(ValueError, match='use backend="torch"'):
-        linear_logprobs(hidden, weight, labels, backend="triton", temperature=0.5)
+    with pytest.raises(ValueError, match='backend="cuda" runs its epilogue kernels on CUDA tensors'):
+        linear_logprobs(hidden, weight, labels, backend="cuda", temperature=0.5)
     with pytest.raises(ValueError, match="temperature must be a positive"):
         linear_logprobs(hidden, weight, labels, temperature=0.0)
     with pytest.raises(ValueError, match="softcap must be None or a positive"):

@@ -10,6 +10,10 @@ before triton is imported). Implements the backend interface described in
     segment_sum(values [N] fp32, seq_ids [N], num_seqs) -> [S] fp32
     gather_segments(seq_values [S] fp32, seq_ids [N]) -> [N] fp32
 
+and the head transforms (bias, logit scale, softcap, temperature, entropy) with the interface of
+``torch_chunked.transformed_forward`` / ``transformed_backward``: the same kernels with constexpr
+flags that compile the transform (and its derivative) into each logits tile.
+
 ``logprobs_backward`` is the shared chunk loop of ``altpo_kernels.chunked_backward`` with this
 backend's G producer (``logprobs_backward.produce_g``). ``aot_compile`` compiles every kernel
 configuration for sm_80 and sm_90 without a GPU and reports registers, spills and shared memory;
@@ -20,8 +24,9 @@ from .interpreter_compat import patch_interpreter_index
 
 patch_interpreter_index()
 
-from .logprobs_backward import logprobs_backward
-from .logprobs_forward import logprobs_forward
+from .logprobs_backward import logprobs_backward, transformed_backward
+from .logprobs_forward import logprobs_forward, transformed_forward
 from .segment_ops import gather_segments, segment_sum
 
-__all__ = ["logprobs_forward", "logprobs_backward", "segment_sum", "gather_segments"]
+__all__ = ["logprobs_forward", "logprobs_backward", "segment_sum", "gather_segments",
+           "transformed_forward", "transformed_backward"]

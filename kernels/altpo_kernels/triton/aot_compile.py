@@ -31,6 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -75,48 +76,81 @@ def _dot_precision(dtype: str) -> str:
     return "tf32x3" if dtype == "fp32" else "ieee"
 
 
+# Head-transform variants of the two matmul kernels (constexpr flags; "" is the plain kernel every
+# call without a transform compiles). Each flag alone is compiled for bf16; every flag at once
+# (the most live state: bias, softcap, entropy and the bias gradient) for every dtype. SCALE and
+# SOFTCAP exclude each other in the kernels (softcap folds the scale into its constants).
+TRANSFORM_VARIANTS = {
+    "": {},
+    "bias": dict(HAS_BIAS=True),
+    "scale": dict(SCALE=True),
+    "softcap": dict(SOFTCAP=True),
+    "entropy": dict(ENTROPY=True),
+    "all": dict(HAS_BIAS=True, SOFTCAP=True, ENTROPY=True),
+}
+# The backward's extra flags per variant: the bias gradient with a bias, the constant factor
+# with a scale.
+BACKWARD_EXTRA = {"bias": dict(NEED_DB=True), "scale": dict(FACTOR=True),
+                  "all": dict(NEED_DB=True)}
+
+
+def variants_for(dtype: str) -> list[str]:
+    return list(TRANSFORM_VARIANTS) if dtype == "bf16" else ["", "all"]
+
+
+def _matmul_config(direction: str, dt: str, variant: str, tiles) -> KernelConfig:
+    """The forward kernel or the backward's G producer for one dtype and transform variant."""
+    flags = {**dict(HAS_BIAS=False, SCALE=False, SOFTCAP=False, ENTROPY=False),
+             **TRANSFORM_VARIANTS[variant]}
+    # the launchers' choice: the forward's own tile with entropy, the producer's with any flag
+    special = flags["ENTROPY"] if direction == "forward" else bool(variant)
+    t = tiles.logprobs(direction, {"fp32": torch.float32}.get(dt, torch.bfloat16), special)
+    common = dict(hidden_ptr=f"*{dt}", weight_ptr=f"*{dt}", labels_ptr="*i32", bias_ptr=f"*{dt}",
+                  pre_scale="fp32", post_scale="fp32")
+    if direction == "forward":
+        kernel, name = _logprobs_forward_kernel, "logprobs_forward"
+        types = dict(common, part_max_ptr="*fp32", part_sum_ptr="*fp32", label_logit_ptr="*fp32",
+                     part_ent_ptr="*fp32", n_tokens="i32", vocab="i32", hidden_size="i32",
+                     vocab_per_split="i32", num_splits="i32", group_n="i32")
+        extra = {}
+        divisible = ("part_max_ptr", "part_sum_ptr", "label_logit_ptr", "part_ent_ptr",
+                     "vocab_per_split")
+    else:
+        kernel, name = _grad_logits_kernel, "grad_logits"
+        types = dict(common, lse_ptr="*fp32", grad_ptr="*fp32", out_ptr=f"*{dt}",
+                     colsum_ptr="*fp32", factor="fp32", n_tokens="i32", band="i32",
+                     hidden_size="i32", band_start="i32")
+        extra = dict(GROUP_N=t.group_n)
+        flags.update({**dict(NEED_DB=False, FACTOR=False), **BACKWARD_EXTRA.get(variant, {})})
+        divisible = ("lse_ptr", "grad_ptr", "out_ptr", "colsum_ptr", "band")
+    return KernelConfig(
+        name=f"{name}[{dt},{variant}]" if variant else f"{name}[{dt}]",
+        kernel=kernel, types=types,
+        constexprs=dict(BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_H=t.block_h, **extra,
+                        DOT_PRECISION=_dot_precision(dt), UPCAST_DOT=False, **flags),
+        num_warps=t.num_warps, num_stages=t.num_stages,
+        divisible=("hidden_ptr", "weight_ptr", "labels_ptr", "bias_ptr", "hidden_size")
+        + divisible,
+    )
+
+
 def kernel_configs(arch: str) -> list[KernelConfig]:
     """Every kernel configuration the launchers can pick on ``arch`` ("sm_80" or "sm_90")."""
     tiles = TILES[arch]
-    out = []
     e = tiles.elementwise
-    for dt in DTYPES:
-        f = tiles.forward_fp32 if dt == "fp32" else tiles.forward
+    out = [_matmul_config(direction, dt, variant, tiles)
+           for direction in ("forward", "backward") for dt in DTYPES for variant in variants_for(dt)]
+    for entropy in (False, True):
         out.append(KernelConfig(
-            name=f"logprobs_forward[{dt}]",
-            kernel=_logprobs_forward_kernel,
-            types=dict(hidden_ptr=f"*{dt}", weight_ptr=f"*{dt}", labels_ptr="*i32",
-                       part_max_ptr="*fp32", part_sum_ptr="*fp32", label_logit_ptr="*fp32",
-                       n_tokens="i32", vocab="i32", hidden_size="i32", vocab_per_split="i32",
-                       num_splits="i32", group_n="i32"),
-            constexprs=dict(BLOCK_N=f.block_n, BLOCK_V=f.block_v, BLOCK_H=f.block_h,
-                            DOT_PRECISION=_dot_precision(dt), UPCAST_DOT=False),
-            num_warps=f.num_warps, num_stages=f.num_stages,
-            divisible=("hidden_ptr", "weight_ptr", "labels_ptr", "part_max_ptr", "part_sum_ptr",
-                       "label_logit_ptr", "hidden_size", "vocab_per_split"),
-        ))
-    out.append(KernelConfig(
-        name="lse_combine",
-        kernel=_lse_combine_kernel,
-        types=dict(part_max_ptr="*fp32", part_sum_ptr="*fp32", label_logit_ptr="*fp32",
-                   logp_ptr="*fp32", lse_ptr="*fp32", n_tokens="i32", num_splits="i32"),
-        constexprs=dict(BLOCK=e.block),
-        num_warps=e.num_warps, num_stages=1,
-        divisible=("part_max_ptr", "part_sum_ptr", "label_logit_ptr", "logp_ptr", "lse_ptr"),
-    ))
-    for dt in DTYPES:
-        b = tiles.backward_fp32 if dt == "fp32" else tiles.backward
-        out.append(KernelConfig(
-            name=f"grad_logits[{dt}]",
-            kernel=_grad_logits_kernel,
-            types=dict(hidden_ptr=f"*{dt}", weight_ptr=f"*{dt}", labels_ptr="*i32",
-                       lse_ptr="*fp32", grad_ptr="*fp32", out_ptr=f"*{dt}", n_tokens="i32",
-                       band="i32", hidden_size="i32", band_start="i32"),
-            constexprs=dict(BLOCK_N=b.block_n, BLOCK_V=b.block_v, BLOCK_H=b.block_h,
-                            GROUP_N=b.group_n, DOT_PRECISION=_dot_precision(dt), UPCAST_DOT=False),
-            num_warps=b.num_warps, num_stages=b.num_stages,
-            divisible=("hidden_ptr", "weight_ptr", "labels_ptr", "lse_ptr", "grad_ptr", "out_ptr",
-                       "hidden_size", "band"),
+            name="lse_combine[entropy]" if entropy else "lse_combine",
+            kernel=_lse_combine_kernel,
+            types=dict(part_max_ptr="*fp32", part_sum_ptr="*fp32", label_logit_ptr="*fp32",
+                       logp_ptr="*fp32", lse_ptr="*fp32", n_tokens="i32", num_splits="i32",
+                       part_ent_ptr="*fp32", entropy_ptr="*fp32", mu_ptr="*fp32"),
+            constexprs=dict(BLOCK=e.block, ENTROPY=entropy),
+            num_warps=e.num_warps, num_stages=1,
+            divisible=("part_max_ptr", "part_sum_ptr", "label_logit_ptr", "logp_ptr", "lse_ptr",
+                       "part_ent_ptr", "entropy_ptr", "mu_ptr"),
         ))
     out.append(KernelConfig(
         name="segment_sum",

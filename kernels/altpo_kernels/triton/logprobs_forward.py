@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..head_constants import transform_constants
 from .tile_configs import interpreting, sm_count, tiles_for
 
 
@@ -73,23 +74,62 @@ def logits_tile(h_rows, w_rows, row_ok, col_ok, hidden_size,
 
 
 @triton.jit
+def grouped_program(pid, num_n, num_other, group_n):
+    """``(pid_n, pid_other)`` of program ``pid`` in a grouped 1-D grid of ``num_n`` token blocks x
+    ``num_other`` (vocabulary splits or tiles): consecutive programs (those resident at the same
+    time) cover ``group_n`` token blocks times every ``other`` before moving to the next group, so
+    together they re-read only ``group_n`` hidden-state blocks from L2. ``program_order`` in Python
+    is the same map."""
+    per_group = group_n * num_other
+    first = (pid // per_group) * group_n
+    in_group = tl.minimum(num_n - first, group_n)
+    return first + (pid % per_group) % in_group, (pid % per_group) // in_group
+
+
+@triton.jit
+def fast_tanh(x):
+    """tanh from one exponential: ``1 - 2 / (exp(2x) + 1)``, exactly +-1 once exp overflows or
+    underflows (no NaN for any finite x); absolute error a few fp32 ulps of 1."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def head_transform(logits, cols, col_ok, bias_ptr, pre_scale, post_scale,
+                   HAS_BIAS: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
+    """``(u, t)``: the transformed logits tile and, with ``SOFTCAP``, the tanh it was made from.
+
+    The head's order (``reference.transformed_logits_reference``): ``z = (hW^T + b) * logit_scale``,
+    ``softcap * tanh(z / softcap)``, ``/ temperature``. The launcher folds the constants:
+    with SOFTCAP ``pre_scale = logit_scale / softcap`` and ``post_scale = softcap / temperature``,
+    so ``u = post_scale * tanh(pre_scale * (hW^T + b))``; without it ``pre_scale = logit_scale /
+    temperature`` multiplies when ``SCALE``. All flags off returns the tile untouched.
+    """
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        logits = logits + b[None, :]
+    t = logits
+    if SOFTCAP:
+        t = fast_tanh(logits * pre_scale)
+        logits = t * post_scale
+    elif SCALE:
+        logits = logits * pre_scale
+    return logits, t
+
+
+@triton.jit
 def _logprobs_forward_kernel(
     hidden_ptr, weight_ptr, labels_ptr,
     part_max_ptr, part_sum_ptr, label_logit_ptr,
     n_tokens, vocab, hidden_size, vocab_per_split, num_splits, group_n,
+    bias_ptr, part_ent_ptr, pre_scale, post_scale,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr = False, SCALE: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
+    ENTROPY: tl.constexpr = False,
 ):
-    # Grouped 1-D grid: consecutive programs (those resident at the same time) cover group_n token
-    # blocks times every split, so together they re-read only group_n hidden-state blocks from L2
-    # for every vocabulary tile (program_order() in Python is the same map).
-    pid = tl.program_id(0)
-    token_blocks = tl.cdiv(n_tokens, BLOCK_N)
-    per_group = group_n * num_splits
-    first = (pid // per_group) * group_n
-    in_group = tl.minimum(token_blocks - first, group_n)
-    pid_n = first + (pid % per_group) % in_group
-    split = (pid % per_group) // in_group
+    # Grouped 1-D grid (grouped_program): the programs resident at one time share group_n
+    # hidden-state blocks in L2 for every vocabulary tile.
+    pid_n, split = grouped_program(tl.program_id(0), tl.cdiv(n_tokens, BLOCK_N), num_splits, group_n)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_tokens
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
@@ -100,6 +140,9 @@ def _logprobs_forward_kernel(
 
     run_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_N], tl.float32)
+    # ENTROPY: sum of exp(u - run_max) * (u - run_max), kept relative to the running max so that
+    # entropy = log(sum) - this / sum has no cancellation against the max.
+    run_ent = tl.zeros([BLOCK_N], tl.float32)
     label_logit = tl.zeros([BLOCK_N], tl.float32)
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
@@ -107,6 +150,8 @@ def _logprobs_forward_kernel(
         w_rows = weight_ptr + cols.to(tl.int64)[:, None] * hidden_size
         logits = logits_tile(h_rows, w_rows, row_ok, col_ok, hidden_size,
                              BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
+        logits, _ = head_transform(logits, cols, col_ok, bias_ptr, pre_scale, post_scale,
+                                   HAS_BIAS, SCALE, SOFTCAP)
         # The label is picked before the exponentials so that the logits tile dies as they are
         # formed (one [BLOCK_N, BLOCK_V] fp32 tile live, not two: what keeps 128 x 256 unspilled).
         label_logit += tl.sum(tl.where(cols[None, :] == labels[:, None], logits, 0.0), axis=1)
@@ -114,12 +159,23 @@ def _logprobs_forward_kernel(
         # Every tile has at least one real column, so new_max is finite and exp(-inf - m) = 0
         # handles the first tile without a special case.
         new_max = tl.maximum(run_max, tl.max(logits, axis=1))
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+        rescale = tl.exp(run_max - new_max)
+        if ENTROPY:
+            shifted = logits - new_max[:, None]
+            e = tl.exp(shifted)
+            # the old terms move to the new max: sum e' (u - m_old) -> r (that + sum (m_old - m_new))
+            moved = tl.where(run_sum > 0, run_ent + run_sum * (run_max - new_max), 0.0)
+            run_ent = moved * rescale + tl.sum(tl.where(col_ok[None, :], e * shifted, 0.0), axis=1)
+            run_sum = run_sum * rescale + tl.sum(e, axis=1)
+        else:
+            run_sum = run_sum * rescale + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
         run_max = new_max
 
     out = split * n_tokens + rows
     tl.store(part_max_ptr + out, run_max, mask=row_ok)
     tl.store(part_sum_ptr + out, run_sum, mask=row_ok)
+    if ENTROPY:
+        tl.store(part_ent_ptr + out, run_ent, mask=row_ok)
     # Exactly one split holds each label, so each token's label logit is written once.
     owns_label = row_ok & (labels >= v_begin) & (labels < v_end)
     tl.store(label_logit_ptr + rows, label_logit, mask=owns_label)
@@ -128,8 +184,8 @@ def _logprobs_forward_kernel(
 @triton.jit
 def _lse_combine_kernel(
     part_max_ptr, part_sum_ptr, label_logit_ptr, logp_ptr, lse_ptr,
-    n_tokens, num_splits,
-    BLOCK: tl.constexpr,
+    n_tokens, num_splits, part_ent_ptr, entropy_ptr, mu_ptr,
+    BLOCK: tl.constexpr, ENTROPY: tl.constexpr = False,
 ):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < n_tokens
@@ -137,13 +193,24 @@ def _lse_combine_kernel(
     for s in range(num_splits):
         top = tl.maximum(top, tl.load(part_max_ptr + s * n_tokens + rows, mask=row_ok, other=0.0))
     total = tl.zeros([BLOCK], tl.float32)
+    ent = tl.zeros([BLOCK], tl.float32)
     for s in range(num_splits):
         m = tl.load(part_max_ptr + s * n_tokens + rows, mask=row_ok, other=0.0)
-        total += tl.load(part_sum_ptr + s * n_tokens + rows, mask=row_ok, other=1.0) * tl.exp(m - top)
+        part = tl.load(part_sum_ptr + s * n_tokens + rows, mask=row_ok, other=1.0)
+        total += part * tl.exp(m - top)
+        if ENTROPY:
+            # the split's sum e (u - m) moved to the common max: e' (u - top) = r (that + e (m - top))
+            part_ent = tl.load(part_ent_ptr + s * n_tokens + rows, mask=row_ok, other=0.0)
+            ent += (part_ent + part * (m - top)) * tl.exp(m - top)
     lse = top + tl.log(total)
     label_logit = tl.load(label_logit_ptr + rows, mask=row_ok, other=0.0)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
     tl.store(logp_ptr + rows, label_logit - lse, mask=row_ok)
+    if ENTROPY:
+        # entropy = lse - E_p[u] = log(total) - sum e (u - top) / total; mu = E_p[u] for backward
+        entropy = tl.log(total) - ent / total
+        tl.store(entropy_ptr + rows, entropy, mask=row_ok)
+        tl.store(mu_ptr + rows, lse - entropy, mask=row_ok)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -219,6 +286,23 @@ def logprobs_forward(hidden, weight, labels, *, vocab_splits: int | None = None,
 
     Returns ``(logp [N] fp32, lse [N] fp32)``.
     """
+    out = _forward(hidden, weight, labels, vocab_splits=vocab_splits, group_n=group_n)
+    return out["logp"], out["lse"]
+
+
+def transformed_forward(hidden, weight, labels, bias, tf, *, entropy: bool = True,
+                        vocab_splits: int | None = None, group_n: int | None = None):
+    """``(logp, entropy, lse, mu)`` fp32 [N] of the head with an optional ``bias`` [V] and the
+    transform ``tf`` (``torch_chunked.HeadTransform`` or None), the interface of
+    ``torch_chunked.transformed_forward``. ``entropy=False`` skips the entropy state in the
+    kernels and returns None for entropy and mu. ``mu`` is ``E_p[u] = lse - entropy``."""
+    out = _forward(hidden, weight, labels, vocab_splits=vocab_splits, group_n=group_n, bias=bias,
+                   tf=tf, entropy=entropy)
+    return out["logp"], out.get("entropy"), out["lse"], out.get("mu")
+
+
+def _forward(hidden, weight, labels, *, vocab_splits=None, group_n=None, bias=None, tf=None,
+             entropy: bool = False) -> dict:
     # int32 ids inside the kernels: half the label traffic, 32-bit compares and index math.
     hidden, weight = hidden.contiguous(), weight.contiguous()
     labels = labels.to(torch.int32).contiguous()
@@ -226,7 +310,8 @@ def logprobs_forward(hidden, weight, labels, *, vocab_splits: int | None = None,
     vocab = weight.shape[0]
     device = hidden.device
     tiles = tiles_for(device)
-    t = tiles.logprobs("forward", hidden.dtype)
+    # the entropy state needs more registers: its own tile where the plain one is too large
+    t = tiles.logprobs("forward", hidden.dtype, transformed=entropy)
     slots = tiles.forward_blocks_per_sm * sm_count(device)
     if group_n is None:
         group_n = token_group(n, hidden_size, t.block_n, hidden.element_size(), slots)
@@ -244,22 +329,31 @@ def logprobs_forward(hidden, weight, labels, *, vocab_splits: int | None = None,
     part_max = torch.empty(splits, n, dtype=torch.float32, device=device)
     part_sum = torch.empty(splits, n, dtype=torch.float32, device=device)
     label_logit = torch.empty(n, dtype=torch.float32, device=device)
-    logp = torch.empty(n, dtype=torch.float32, device=device)
-    lse = torch.empty(n, dtype=torch.float32, device=device)
+    out = {"logp": torch.empty(n, dtype=torch.float32, device=device),
+           "lse": torch.empty(n, dtype=torch.float32, device=device)}
+    # Flags off: their pointer arguments are never read; any fp32 buffer stands in.
+    part_ent = torch.empty(splits, n, dtype=torch.float32, device=device) if entropy else part_max
+    if entropy:
+        out["entropy"] = torch.empty(n, dtype=torch.float32, device=device)
+        out["mu"] = torch.empty(n, dtype=torch.float32, device=device)
+    k = transform_constants(tf)
     with _on_device(device):
         _logprobs_forward_kernel[(triton.cdiv(n, t.block_n) * splits,)](
             hidden, weight, labels, part_max, part_sum, label_logit,
             n, vocab, hidden_size, per_split, splits, group_n,
+            bias if bias is not None else weight, part_ent, k["pre_scale"], k["post_scale"],
             BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_H=t.block_h,
             DOT_PRECISION=dot_precision(hidden.dtype), UPCAST_DOT=interpreting(),
+            HAS_BIAS=bias is not None, SCALE=k["SCALE"], SOFTCAP=k["SOFTCAP"], ENTROPY=entropy,
             num_warps=t.num_warps, num_stages=t.num_stages,
         )
         e = tiles.elementwise
         _lse_combine_kernel[(triton.cdiv(n, e.block),)](
-            part_max, part_sum, label_logit, logp, lse, n, splits,
-            BLOCK=e.block, num_warps=e.num_warps,
+            part_max, part_sum, label_logit, out["logp"], out["lse"], n, splits,
+            part_ent, out.get("entropy", part_max), out.get("mu", part_max),
+            BLOCK=e.block, ENTROPY=entropy, num_warps=e.num_warps,
         )
-    return logp, lse
+    return out
 
 
 def _on_device(device: torch.device):

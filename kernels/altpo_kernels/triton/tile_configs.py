@@ -8,7 +8,7 @@ architecture's per-block limit. The reason for each choice sits next to it.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -69,12 +69,38 @@ class ArchTiles:
     forward_blocks_per_sm: int
     # 32 sequences x 256 tokens over 4 warps: 64 values a thread, no shared-memory staging.
     segment: SegmentTiles = SegmentTiles(block_s=32, block=256, num_warps=4)
+    # 16-bit kernels with a head transform compiled in, where its live state does not fit the plain
+    # kernel's tile (None: the plain tile): the forward with the entropy state, the G producer with
+    # any transform flag.
+    forward_transform: LogprobsTiles | None = None
+    backward_transform: LogprobsTiles | None = None
 
-    def logprobs(self, direction: str, dtype: torch.dtype) -> LogprobsTiles:
-        """Tiles of the ``"forward"`` or ``"backward"`` kernel for inputs of ``dtype``."""
+    def logprobs(self, direction: str, dtype: torch.dtype, transformed: bool = False) -> LogprobsTiles:
+        """Tiles of the ``"forward"`` or ``"backward"`` kernel for inputs of ``dtype``
+        (``transformed``: the forward with entropy, the G producer with any transform flag)."""
         suffix = "_fp32" if dtype == torch.float32 else ""
-        return getattr(self, direction + suffix)
+        special = getattr(self, direction + "_transform") if transformed and not suffix else None
+        return special or getattr(self, direction + suffix)
 
+
+# sm_80, mma.sync m16n8k16: 128 x 128 fp32 logits over 8 warps is 64 accumulator registers a
+# thread plus the A/B fragments loaded by ldmatrix: 248 registers, no spills, one block per SM.
+# Without wgmma the fragments sit in registers, so the hidden slice stays 32 wide (64 wide reaches
+# the 255 ceiling); 3 cp.async stages of 16 KiB hide the load latency. The G producer (backward)
+# uses the same tile and pipeline (one dot chain, then a store).
+_SM80_TILE = LogprobsTiles(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=3)
+# sm_80 fp32 (3xTF32), both directions: 64 x 64 x 32 over 4 warps, 255 registers without spills,
+# two blocks per SM; 128 x 128 spills over a kilobyte a thread.
+_SM80_FP32 = LogprobsTiles(block_n=64, block_v=64, block_h=32, num_warps=4, num_stages=3)
+# sm_90 fp32, both directions: 128 x 64 keeps the 3xTF32 fragments at 190 registers with 64 KiB
+# shared memory; 128 x 128 x 64 needs 256 KiB (over the limit) and spills. The G producer is the
+# forward's tile minus the online softmax state.
+_SM90_FP32 = LogprobsTiles(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=3)
+# The interpreter runs every program in numpy on the CPU: 16-wide tiles (the smallest tl.dot
+# accepts) keep test shapes tiny while still covering several tiles, ragged edges and vocabulary
+# splits; the G producer groups 2 token blocks so that test shapes cross a group boundary.
+_INTERPRETER = LogprobsTiles(block_n=16, block_v=16, block_h=16, num_warps=1, num_stages=1)
+_INTERPRETER_BWD = replace(_INTERPRETER, group_n=2)
 
 TILES = {
     "sm_90": ArchTiles(
@@ -89,40 +115,34 @@ TILES = {
         # g * (onehot - p) as a 16-bit tile: the same 128 x 256 x 64 shape fits 255 registers
         # without spills. A [4096, 2048] chunk x band is 32 x 8 = 256 programs, two full waves.
         backward=LogprobsTiles(block_n=128, block_v=256, block_h=64, num_warps=8, num_stages=3),
-        # fp32: 128 x 64 keeps the 3xTF32 fragments at 190 registers with 64 KiB shared memory;
-        # 128 x 128 x 64 needs 256 KiB (over the limit) and spills.
-        forward_fp32=LogprobsTiles(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=3),
-        # fp32 G producer: the fp32 forward's 3xTF32 tile minus the online softmax state.
-        backward_fp32=LogprobsTiles(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=3),
+        # With a transform the producer keeps more of the tile live (the bias row, tanh for the
+        # softcap derivative, p (u - mu) for entropy): at 128 x 256 that spills (376 B a thread
+        # with every flag on, 4 B with the bias alone), so it takes the forward's 128 x 128 tile.
+        backward_transform=LogprobsTiles(block_n=128, block_v=128, block_h=64, num_warps=8,
+                                         num_stages=4),
+        # The transformed forward: the entropy state (a second running sum and exp(u - m) (u - m)
+        # over the tile) takes 128 x 128 to 255 registers on triton 3.6 and 8 B of spills on 3.9,
+        # so it runs 128 x 64 (m64n64k16 per warpgroup, half the accumulator registers).
+        forward_transform=LogprobsTiles(block_n=128, block_v=64, block_h=64, num_warps=8,
+                                        num_stages=4),
+        forward_fp32=_SM90_FP32,
+        backward_fp32=_SM90_FP32,
         elementwise=ElementwiseTiles(block=1024, num_warps=4),
         forward_blocks_per_sm=1,
     ),
     "sm_80": ArchTiles(
-        # mma.sync m16n8k16: 128 x 128 fp32 logits over 8 warps is 64 accumulator registers a
-        # thread plus the A/B fragments loaded by ldmatrix: 248 registers, no spills, one block
-        # per SM. Without wgmma the fragments sit in registers, so the hidden slice stays 32 wide
-        # (64 wide reaches the 255 ceiling); 3 cp.async stages of 16 KiB hide the load latency.
-        forward=LogprobsTiles(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=3),
-        # G producer: the forward's tile and pipeline (one dot chain, then a store).
-        backward=LogprobsTiles(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=3),
-        # fp32 (3xTF32): 64 x 64 x 32 over 4 warps, 255 registers without spills, two blocks per
-        # SM; 128 x 128 spills over a kilobyte a thread.
-        forward_fp32=LogprobsTiles(block_n=64, block_v=64, block_h=32, num_warps=4, num_stages=3),
-        # fp32 G producer: the fp32 forward's tile.
-        backward_fp32=LogprobsTiles(block_n=64, block_v=64, block_h=32, num_warps=4, num_stages=3),
+        forward=_SM80_TILE,
+        backward=_SM80_TILE,
+        forward_fp32=_SM80_FP32,
+        backward_fp32=_SM80_FP32,
         elementwise=ElementwiseTiles(block=1024, num_warps=4),
         forward_blocks_per_sm=1,
     ),
     "interpreter": ArchTiles(
-        # The interpreter runs every program in numpy on the CPU: 16-wide tiles (the smallest
-        # tl.dot accepts) keep test shapes tiny while still covering several tiles, ragged edges
-        # and vocabulary splits.
-        forward=LogprobsTiles(block_n=16, block_v=16, block_h=16, num_warps=1, num_stages=1),
-        backward=LogprobsTiles(block_n=16, block_v=16, block_h=16, num_warps=1, num_stages=1,
-                               group_n=2),
-        forward_fp32=LogprobsTiles(block_n=16, block_v=16, block_h=16, num_warps=1, num_stages=1),
-        backward_fp32=LogprobsTiles(block_n=16, block_v=16, block_h=16, num_warps=1,
-                                    num_stages=1, group_n=2),
+        forward=_INTERPRETER,
+        backward=_INTERPRETER_BWD,
+        forward_fp32=_INTERPRETER,
+        backward_fp32=_INTERPRETER_BWD,
         elementwise=ElementwiseTiles(block=16, num_warps=1),
         forward_blocks_per_sm=1,
         # 4 sequences x 16 tokens: test shapes cross several sequence tiles and token blocks.
@@ -158,21 +178,15 @@ def tiles_for(device: torch.device) -> ArchTiles:
     if name == "sm_80" and torch.cuda.get_device_capability(device) != (8, 0):
         # Consumer Ampere/Ada (sm_86, sm_89): 99 KiB of shared memory per block, so every
         # pipeline is cut to two stages (the largest, the backward, then needs 96 KiB).
-        tiles = ArchTiles(
-            forward=_with_stages(tiles.forward, 2),
-            backward=_with_stages(tiles.backward, 2),
-            forward_fp32=_with_stages(tiles.forward_fp32, 2),
-            backward_fp32=_with_stages(tiles.backward_fp32, 2),
-            elementwise=tiles.elementwise,
-            forward_blocks_per_sm=tiles.forward_blocks_per_sm,
-            segment=tiles.segment,
-        )
+        tiles = replace(tiles, **{d: _with_stages(getattr(tiles, d), 2) for d in (
+            "forward", "backward", "forward_fp32", "backward_fp32", "forward_transform",
+            "backward_transform")
+            if getattr(tiles, d) is not None})
     return tiles
 
 
 def _with_stages(t: LogprobsTiles, stages: int) -> LogprobsTiles:
-    return LogprobsTiles(t.block_n, t.block_v, t.block_h, t.num_warps, min(t.num_stages, stages),
-                         t.group_n)
+    return replace(t, num_stages=min(t.num_stages, stages))
 
 
 def sm_count(device: torch.device) -> int:

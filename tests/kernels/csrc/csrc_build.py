@@ -98,3 +98,13 @@ def backend_library(device: str):
             os.environ.pop(env, None)
         else:
             os.environ[env] = saved
+
+
+@pytest.fixture(scope="module", autouse=True)
+def backend_library_for_module():
+    """For test modules that import it: the backend library of the kernel test device (host build
+    on the CPU, CUDA build on a GPU), loaded for the whole module."""
+    from conftest import kernel_device
+
+    with backend_library(kernel_device()) as lib:
+        yield lib

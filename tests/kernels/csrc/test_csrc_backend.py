@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import csrc_build
+from csrc_build import backend_library_for_module  # noqa: F401  (autouse: loads the library)
 from altpo_kernels import cuda_backend
 from altpo_kernels.backends import resolve_backend
 from altpo_kernels.linear_logprobs import LinearLogprobsFunction
@@ -49,12 +50,6 @@ def _standin_chunked_logprobs_backward(hidden, weight, labels, lse, grad_logp, n
                 dw[v0:v1] += (g_tile.T @ hidden[t0:t1].float()) / scale
     return (dh.to(hidden.dtype) if need_dh else None, dw.to(weight.dtype) if need_dw else None)
 # ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def library():
-    with csrc_build.backend_library(kernel_device()) as lib:
-        yield lib
 
 
 @pytest.fixture(autouse=True)

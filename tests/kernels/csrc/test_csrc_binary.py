@@ -11,7 +11,10 @@ import pytest
 
 import csrc_build
 
-KERNELS = {"forward_epilogue_kernel": 3, "backward_epilogue_kernel": 9}  # instantiations per arch
+# instantiations per arch: the plain epilogues per logits dtype (x out dtype), the head-transform
+# ones (fp32 logits) per out dtype
+KERNELS = {"forward_epilogue_kernel": 3, "backward_epilogue_kernel": 9,
+           "forward_epilogue_tf_kernel": 1, "backward_epilogue_tf_kernel": 3}
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +65,13 @@ def test_every_kernel_is_present_and_nothing_spills(binary):
         # Spills and stack frames both live in local memory; registers stay far below 255.
         assert usage["LOCAL"] == 0 and usage["STACK"] == 0, (arch, kernel, usage)
         assert usage["REG"] <= 64, (arch, kernel, usage)
+
+
+def test_no_atomic_instructions(binary):
+    """Deterministic by construction, as the Triton kernels: no ATOM/RED in any epilogue's SASS
+    (the transformed forward merges its (max, sum, entropy) state by warp shuffles in fixed order)."""
+    from altpo_kernels.triton import sass_check
+
+    sass = _dump(binary, "-sass")
+    assert "HGMMA" not in sass and sass.count("Function :") >= 2 * sum(KERNELS.values())
+    assert sass_check.atomic_instructions(sass) == []

@@ -1,6 +1,8 @@
 """Every Triton kernel configuration compiles ahead of time for sm_80 and sm_90 without a GPU,
 with no register spills, shared memory within each architecture's per-block limit, and no wgmma
-register-operand hazard in its SASS.
+register-operand hazard in its SASS. That includes every head-transform variant of the forward and
+of the G producer (bias, scale, softcap, entropy, each alone and all together), so each check
+below covers them.
 
 The interpreter cannot see spills, shared-memory overflows, tensor-core code generation or
 miscompiles; this test runs the real Triton -> PTX -> ptxas pipeline for both targets, with the
@@ -15,10 +17,16 @@ from altpo_kernels.triton.aot_compile import compile_report, format_table, probl
 
 # Per-block opt-in shared memory, from NVIDIA's tuning guides: A100 163 KiB, H100 227 KiB.
 SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
+# The head-transform variants (constexpr flags): each flag alone for bf16, all at once for every
+# dtype; the combine kernel with and without the entropy state.
+TRANSFORM_VARIANTS = {"bf16": ("bias", "scale", "softcap", "entropy", "all"), "fp16": ("all",),
+                      "fp32": ("all",)}
 EXPECTED_KERNELS = (
     [f"logprobs_forward[{dt}]" for dt in ("bf16", "fp16", "fp32")]
-    + ["lse_combine", "segment_sum", "gather_segments"]
+    + ["lse_combine", "lse_combine[entropy]", "segment_sum", "gather_segments"]
     + [f"grad_logits[{dt}]" for dt in ("bf16", "fp16", "fp32")]
+    + [f"{k}[{dt},{v}]" for k in ("logprobs_forward", "grad_logits")
+       for dt, vs in TRANSFORM_VARIANTS.items() for v in vs]
 )
 MATMUL_KERNELS = ("logprobs_forward", "grad_logits")
 
@@ -101,3 +109,29 @@ def test_table_lists_every_configuration(report):
     assert len(lines) == len(report) + 2  # header, separator, one line per configuration
     for r in report:
         assert any(r["kernel"] in line and r["arch"] in line for line in lines[2:])
+
+
+def test_transform_variants_keep_the_plain_kernels_shape(report):
+    """A transform flag only adds work to the tile: the variants use the same tensor-core shapes as
+    the plain kernel of their dtype, except on sm_90 (16-bit), where the transformed G producer
+    runs the forward's 128 x 128 tile (at the plain producer's 128 x 256 its extra live state
+    spilled) and the forward with entropy runs 128 x 64 (at 128 x 128 it reached 255 registers
+    on triton 3.6 and spilled on 3.9)."""
+    rows = {(r["arch"], r["kernel"]): r for r in report}
+    for (arch, name), r in rows.items():
+        if "," not in name:
+            continue
+        dtype = name.split("[")[1].split(",")[0]
+        plain = rows[(arch, name.split(",")[0] + "]")]
+        assert r["mma_operand_types"] == plain["mma_operand_types"], (arch, name)
+        if arch == "sm_90" and name.startswith("grad_logits[") and dtype != "fp32":
+            same_as = rows[(arch, f"logprobs_forward[{dtype}]")]
+            assert r["tiles"] == "128x128x64" == same_as["tiles"], (name, r["tiles"])
+        elif arch == "sm_90" and dtype != "fp32" and name.endswith(("entropy]", "all]")):
+            assert r["tiles"] == "128x64x64", (name, r["tiles"])
+            assert r["mma_shapes"] == ["m64n64k16"], (name, r["mma_shapes"])
+            continue
+        else:
+            same_as = plain
+        assert r["tiles"] == same_as["tiles"], (arch, name)
+        assert r["mma_shapes"] == same_as["mma_shapes"], (arch, name, r["mma_shapes"])
