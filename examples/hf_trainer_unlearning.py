@@ -23,6 +23,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 from altpo_kernels import answer_hidden_states, batch_answer_logprobs, get_method, unlearning_loss
+from altpo_kernels.methods import DEFAULT_METHOD
 from altpo_kernels.hf import output_weight
 
 
@@ -53,7 +54,7 @@ def collate(examples: list[dict]) -> dict:
 class UnlearningTrainer(Trainer):
     """A ``Trainer`` whose loss is ``unlearning_loss(method=...)`` over the collated groups."""
 
-    def __init__(self, *args, method: str = "altpo", method_kwargs: dict | None = None,
+    def __init__(self, *args, method: str = DEFAULT_METHOD, method_kwargs: dict | None = None,
                  loss_backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         self.spec = get_method(method)  # a registered name, or your own file.py:NAME
@@ -128,7 +129,7 @@ def examples_for(method: str, n: int, vocab: int, seed: int = 0) -> list[dict]:
 
 def main(argv=None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--method", default="altpo", help="a registered method, or FILE.py:NAME")
+    parser.add_argument("--method", default=DEFAULT_METHOD, help="a registered method, or FILE.py:NAME")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--output", default=None, help="Trainer output_dir (default: a temp folder)")
     args = parser.parse_args(argv)

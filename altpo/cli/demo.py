@@ -34,7 +34,7 @@ def _s(default, help: str, **kw):
 def demo_settings():
     """The settings of ``altpo-fast demo`` (built on use: the method list needs the registry)."""
     from altpo.demo.methods import COMPARE_METHODS
-    from altpo.train.method_settings import builtin_methods
+    from altpo.train.method_settings import builtin_methods, default_method
 
     @dataclass
     class DemoSettings:
@@ -50,7 +50,8 @@ def demo_settings():
         threads: int = _s(1, "torch CPU threads (default 1: the models are so small that more "
                           "threads gain little, and on busy cores they wait on each other)",
                           metavar="N")
-        method: str = _s("altpo", "unlearning method (default altpo; docs/methods.md), with the "
+        method: str = _s(default_method(), f"unlearning method (default {default_method()}; "
+                         "docs/methods.md), with the "
                          "demo's recipe for it", choices=list(builtin_methods()))
         compare: bool = _s(False, f"run {', '.join(COMPARE_METHODS)} from the same full model and "
                            "plot their TOFU metrics side by side (demo_compare.png); about three "

@@ -176,7 +176,7 @@ def _run_with_lock(args: EvalSettings, command) -> int:
 def _run(args: EvalSettings, groups, command) -> int:
     from altpo.eval.output import provenance
     from altpo.eval.sharding import join_process_group
-    from altpo.eval.tofu import TofuDataError, evaluate_tofu
+    from altpo.eval.tofu import TofuDataError, evaluate_tofu, required_splits
     from altpo.train.report import transformers_bars
 
     apply_threads(args.threads)  # after the checks: torch loads here
@@ -194,7 +194,8 @@ def _run(args: EvalSettings, groups, command) -> int:
     if shards.rank == 0:
         record = provenance(
             model_path=args.model, model=model, tokenizer_path=args.tokenizer or args.model,
-            data=args.data, settings={
+            data=args.data, splits=required_splits(args.forget_split, groups, args.holdout_split),
+            settings={
                 "forget_split": args.forget_split, "holdout_split": args.holdout_split,
                 "metrics": groups, "numerics": args.numerics, "max_rows": args.max_rows,
                 "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,

@@ -75,6 +75,11 @@ def read_jsonl(path: str | Path, what: str) -> list[dict]:
     return rows
 
 
+def split_file(folder: Path, split: str) -> Path | None:
+    """The file of TOFU split ``split`` in a local folder (``<split>.json``, else ``.jsonl``), or None."""
+    return next((p for p in (folder / f"{split}.json", folder / f"{split}.jsonl") if p.is_file()), None)
+
+
 def load_tofu_split(data: str, split: str, *, fields: Sequence[str] = ("question", "answer")) -> list[dict]:
     """Rows of one TOFU split, each a dict with at least ``fields`` (non-empty strings).
 
@@ -85,12 +90,11 @@ def load_tofu_split(data: str, split: str, *, fields: Sequence[str] = ("question
     data = str(data)
     where = Path(os.path.expanduser(data))
     if where.is_dir():
-        candidates = [where / f"{split}.json", where / f"{split}.jsonl"]
-        path = next((p for p in candidates if p.is_file()), None)
+        path = split_file(where, split)
         if path is None:
             found = sorted(p.stem for p in where.glob("*.json*"))
             raise UserError(
-                f"split {split!r} not found in {where}: expected {candidates[0]}; splits there: "
+                f"split {split!r} not found in {where}: expected {where / f'{split}.json'}; splits there: "
                 f"{', '.join(found[:20]) or 'none'}"
             )
         rows = read_jsonl(path, f"{split} split")

@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import torch
-from altpo_kernels.methods import REGISTRY
-
 from altpo.demo.errors import DemoError
 from altpo.demo.layout import COMPARE_PLOT_NAME, OUTPUT_ENTRIES, SUMMARY_NAME, format_metric as _fmt
+from altpo.train.method_settings import builtin_methods
+
+REGISTRY = builtin_methods()  # the records, read without torch: `demo --help` lists them
 
 #: What ``altpo-fast demo --compare`` runs.
 COMPARE_METHODS = ("altpo", "npo", "simnpo")
@@ -75,12 +75,18 @@ COMPARE_METRICS = ("forget_quality", "model_utility", "forget_Q_A_Prob", "forget
                    "extraction_strength", "privleak")
 
 
+def _torch_threads() -> int:
+    import torch  # loaded by then: the runs it summarises trained with it
+
+    return torch.get_num_threads()
+
+
 def compare_summary(common: dict, runs: dict, seconds: dict, started: float) -> dict:
     return {**common, "methods": list(runs), "runs": runs,
             "forgetting": {"held": all(r["forgetting"]["held"] for r in runs.values()),
                            **{m: r["forgetting"]["held"] for m, r in runs.items()}},
             "timings_s": seconds, "total_time_s": round(time.perf_counter() - started, 2),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": _torch_threads(),
             "files": {name: name for name in OUTPUT_ENTRIES if name not in ("unlearned_model",
                                                                              "demo_plot.png")}}
 

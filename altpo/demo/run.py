@@ -32,6 +32,8 @@ from typing import Sequence
 
 import torch
 
+from altpo_kernels.methods import DEFAULT_METHOD
+
 from altpo.data.synthetic_authors import build_synthetic_tofu
 from altpo.data.tofu import chat_prompt_text, load_tofu_split
 from altpo.demo.errors import DemoError
@@ -234,7 +236,7 @@ class _Stages:
 def run_demo(output: str | Path = "altpo-demo", *, preset: str = "default",
              config: DemoConfig | None = None, seed: int = 0, force: bool = False,
              progress: bool = True, verbose: bool = True, threads: int | None = 1,
-             method: str = "altpo", compare: Sequence[str] | None = None) -> dict:
+             method: str = DEFAULT_METHOD, compare: Sequence[str] | None = None) -> dict:
     """Run the whole demo into ``output`` and return its summary (also in ``demo_summary.json``).
 
     Args:
@@ -277,7 +279,7 @@ def run_demo(output: str | Path = "altpo-demo", *, preset: str = "default",
 
 
 def _run(out: Path, config: DemoConfig, seed: int, progress: bool, verbose: bool,
-         methods: Sequence[str] = ("altpo",)) -> dict:
+         methods: Sequence[str] = (DEFAULT_METHOD,)) -> dict:
     started = time.perf_counter()
     with_alternates = any(needs_alternates(m) for m in methods)
     stage = _Stages(6 + with_alternates + 2 * len(methods), verbose)
@@ -534,7 +536,7 @@ def plot_summary(summary: dict, path: Path) -> None:
     ax.legend()
 
     ax = axes[0, 1]
-    title = method_title(summary.get("method", "altpo"))
+    title = method_title(summary.get("method", DEFAULT_METHOD))
     steps = [r["step"] for r in curves["unlearning"]]
     ax.plot(steps, [r["loss"] for r in curves["unlearning"]], label="total", lw=1.5)
     ax.plot(steps, [r["forget_loss"] for r in curves["unlearning"]], label="forget term", lw=1)

@@ -142,13 +142,12 @@ def package_versions() -> dict:
     return found
 
 
-def split_fingerprints(data, forget_split: str, metrics, holdout_split: str | None = None) -> dict:
-    """Each TOFU split the eval read: its file, size and sha256 for a local folder; the hub id and
-    split name for hub data (``datasets`` records no content hash we can read back)."""
-    from altpo.eval.tofu import _split_file, required_splits
+def split_fingerprints(data, names) -> dict:
+    """Each TOFU split ``names`` the eval read: its file, size and sha256 for a local folder; the
+    hub id and split name for hub data (``datasets`` records no content hash we can read back)."""
+    from altpo.data.tofu import split_file
     from altpo.sources import local_path, looks_like_hub_id
 
-    names = required_splits(forget_split, tuple(metrics or ()), holdout_split)
     if data is None:
         return {}
     if looks_like_hub_id(str(data)):
@@ -156,7 +155,7 @@ def split_fingerprints(data, forget_split: str, metrics, holdout_split: str | No
     folder = local_path(str(data))
     found = {}
     for name in names:
-        path = _split_file(folder, name)
+        path = split_file(folder, name)
         found[name] = ({"file": str(path.resolve()), "bytes": path.stat().st_size, "sha256": _sha256(path)}
                        if path is not None else {"file": None, "missing": True})
     return found
@@ -165,7 +164,7 @@ def split_fingerprints(data, forget_split: str, metrics, holdout_split: str | No
 def _weights_fingerprint(model) -> str | None:
     """sha256 of the weights, or None for a model sharded over processes (its shards are not the
     whole model; the run's checkpoint at that step identifies it)."""
-    from altpo.train.reference_cache import model_fingerprint
+    from altpo.model.fingerprint import model_fingerprint
 
     try:
         from torch.distributed.tensor import DTensor
@@ -176,7 +175,7 @@ def _weights_fingerprint(model) -> str | None:
     return model_fingerprint(model)
 
 
-def provenance(*, model_path, model, tokenizer_path, data, settings: dict, command=None,
+def provenance(*, model_path, model, tokenizer_path, data, splits, settings: dict, command=None,
                training: dict | None = None) -> dict:
     """What an eval evaluated: the model's path and weights fingerprint, the tokenizer, the data
     and the sha256 of each split file read, the settings, the package versions and the command.
@@ -195,8 +194,7 @@ def provenance(*, model_path, model, tokenizer_path, data, settings: dict, comma
 
     record = {"model": where(model_path), "model_weights_sha256": _weights_fingerprint(model),
               "tokenizer": where(tokenizer_path), "data": where(data),
-              "data_splits": split_fingerprints(data, settings.get("forget_split", "forget10"),
-                                                settings.get("metrics"), settings.get("holdout_split")),
+              "data_splits": split_fingerprints(data, splits),
               "settings": settings, "tool": f"altpo-fast {__version__}",
               "packages": package_versions(), "command": list(command or sys.argv)}
     if training is not None:

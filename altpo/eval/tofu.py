@@ -42,6 +42,7 @@ from altpo.data.tofu import (
     ChatFormat,
     encode_qa,
     load_tofu_split,
+    split_file,
 )
 
 # Metric groups, the TOFU files each one reads ({forget} = the forget split name), and the
@@ -78,14 +79,6 @@ HEADLINE_METRICS = (
 # exactly the tokens training sees: labels on the answer and its end-of-turn token only)
 
 
-def _split_file(data_dir: Path, name: str) -> Path | None:
-    for suffix in (".json", ".jsonl"):
-        p = data_dir / f"{name}{suffix}"
-        if p.is_file():
-            return p
-    return None
-
-
 def required_splits(forget_split: str, splits: Sequence[str] = (), holdout_split: str | None = None) -> list[str]:
     """The TOFU split files the metric groups ``splits`` (default: all) read."""
     groups = [g for g in METRIC_GROUPS if g in (splits or DEFAULT_METRIC_GROUPS)]
@@ -107,7 +100,7 @@ def check_tofu_source(data, names: Sequence[str]) -> None:
             f"TOFU data folder {folder} does not exist; pass a folder of TOFU JSON Lines files "
             "(e.g. fixtures/tofu) or a hub id such as locuslab/TOFU"
         )
-    missing = [n for n in names if _split_file(folder, n) is None]
+    missing = [n for n in names if split_file(folder, n) is None]
     if missing:
         forget = sorted(p.stem for p in folder.glob("forget*.json") if not p.stem.endswith("_perturbed"))
         hint = (f"; the forget splits it has: {', '.join(forget)} (--forget-split)"

@@ -8,9 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
-from altpo.data.tofu import DEFAULT_DATE_STRING, DEFAULT_SYSTEM_PROMPT, check_chat_template
+from altpo.data.tofu import check_chat_template
 from altpo.errors import UserError
 from altpo.sources import looks_like_hub_id
 
@@ -39,6 +37,8 @@ def check_model_source(source: str, flag: str = "--model") -> None:
 
 def resolve_device(name: str = "auto"):
     """``auto``: CUDA when available, else the CPU."""
+    import torch  # here, not at the top: the commands' --help imports this module
+
     if name not in DEVICES and not str(name).startswith("cuda:"):
         raise UserError(f"--device must be one of {', '.join(DEVICES)} (or cuda:N), got {name!r}")
     if name == "auto":
@@ -50,6 +50,8 @@ def resolve_device(name: str = "auto"):
 
 def resolve_dtype(name: str, device):
     """``auto``: bfloat16 on a GPU that supports it, float32 otherwise."""
+    import torch
+
     name = {v: k for k, v in _TORCH_DTYPE_NAMES.items()}.get(name, name)  # the old long names
     if name not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
@@ -80,19 +82,6 @@ def load_model_and_tokenizer(source: str, *, device: str = "auto", dtype: str = 
     model.to(dev)
     model.eval()
     return model, tokenizer
-
-
-def add_model_arguments(parser) -> None:
-    """The flags every command that loads a model for inference shares: device, dtype, template."""
-    parser.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} or cuda:N (default auto)")
-    from altpo.cli.flags import dtype_value
-
-    parser.add_argument("--dtype", default="auto", choices=DTYPES, type=dtype_value,
-                        help="model weights dtype (default auto: bf16 on a GPU, fp32 on the CPU)")
-    parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
-                        help=f"chat template system prompt ('' for none; default {DEFAULT_SYSTEM_PROMPT!r})")
-    parser.add_argument("--date-string", default=DEFAULT_DATE_STRING,
-                        help=f"chat template date string (default {DEFAULT_DATE_STRING!r})")
 
 
 def _pretrained_source(name: str, flag: str, *, needs_config: bool) -> str:

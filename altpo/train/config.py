@@ -33,7 +33,8 @@ from altpo.cli.flags import OLD_DTYPE_NAMES, flag_name, setting, value_kind
 from altpo.cli.flags import convert_value as _convert
 from altpo.data.tofu import DEFAULT_DATE_STRING, DEFAULT_SYSTEM_PROMPT
 from altpo.errors import UserError
-from altpo.train.method_settings import (OPEN_UNLEARNING_PRESETS, fill_method_defaults, method_help,
+from altpo.train.method_settings import (OPEN_UNLEARNING_PRESETS, default_method, fill_method_defaults,
+                                         method_help,
                                          resolve_method_settings, setting_help)
 
 SEED_MODEL = "open-unlearning/tofu_Llama-3.2-1B-Instruct_full"
@@ -159,7 +160,7 @@ class StepSettings(_Section):
                              group="step", metavar="X", trajectory=True, nonneg=True)
     gamma: float | None = _s(None, "Weight of the forget term. " + setting_help("gamma"),
                              group="step", metavar="X", trajectory=True, nonneg=True)
-    method: str = _s("altpo", method_help(), group="step", metavar="NAME|FILE.py:NAME",
+    method: str = _s(default_method(), method_help(), group="step", metavar="NAME|FILE.py:NAME",
                      trajectory=True)
     delta: float | None = _s(None, "Margin delta of the forget term. " + setting_help("delta"),
                              group="step", metavar="X", trajectory=True)

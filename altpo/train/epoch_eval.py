@@ -118,10 +118,12 @@ class EpochEvaluator:
         ``step`` optimizer steps: the run, epoch and step name them; the settings are the ones
         this evaluation used."""
         from altpo.eval.output import provenance
+        from altpo.eval.tofu import required_splits
 
         c = self.config
         return provenance(
             model_path=None, model=model, tokenizer_path=c.tokenizer or c.model, data=c.data,
+            splits=required_splits(c.forget_split, self.groups),
             settings={"forget_split": c.forget_split, "holdout_split": None, "metrics": self.groups,
                       "numerics": EPOCH_NUMERICS, "max_rows": c.eval_max_rows,
                       "max_new_tokens": EPOCH_MAX_NEW_TOKENS,

@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from altpo.model.fingerprint import model_fingerprint
 from altpo.model.loading import load_causal_lm
 from altpo.train.checkpoint import Checkpoints
 from altpo.train.config import TrainConfig
@@ -39,7 +40,7 @@ from altpo.train.model_setup import prepare_model
 from altpo.train.output_lock import output_lock
 from altpo.train.parallel import ScaleOut
 from altpo.train.preflight import preflight
-from altpo.train.reference_cache import model_fingerprint, step_reference
+from altpo.train.reference_cache import step_reference
 from altpo.train.report import NonFiniteLossError, Printer, StepLog, TrainResult, summary_dict, transformers_bars
 from altpo.train.run_data import load_run_data
 from altpo.train.run_folder import METRICS_NAME, SUMMARY_NAME, check_output_folder, checkpoint_master_mode, start_outputs

@@ -38,6 +38,12 @@ if TYPE_CHECKING:
 NAMED_SETTINGS = ("beta", "alpha", "gamma", "delta")
 
 
+def default_method() -> str:
+    """The registry's default method (AltPO), read as :func:`builtin_methods` reads the records."""
+    loaded = sys.modules.get("altpo_kernels.methods")
+    return loaded.DEFAULT_METHOD if loaded is not None else _registry_file().DEFAULT_METHOD
+
+
 @functools.lru_cache(maxsize=1)
 def builtin_methods() -> Mapping[str, Any]:
     """The built-in method records, for help texts, without importing torch.
@@ -49,11 +55,17 @@ def builtin_methods() -> Mapping[str, Any]:
     loaded = sys.modules.get("altpo_kernels.methods")
     if loaded is not None:
         return dict(loaded.REGISTRY)
+    return dict(_registry_file().REGISTRY)
+
+
+@functools.lru_cache(maxsize=1)
+def _registry_file():
+    """``altpo_kernels/methods.py`` run on its own (no package ``__init__``, so no torch)."""
     package = importlib.util.find_spec("altpo_kernels")
     if package is None or not package.submodule_search_locations:
-        from altpo_kernels.methods import REGISTRY
+        import altpo_kernels.methods
 
-        return dict(REGISTRY)
+        return altpo_kernels.methods
     name = "altpo.train._builtin_methods"
     spec = importlib.util.spec_from_file_location(
         name, Path(list(package.submodule_search_locations)[0]) / "methods.py")
@@ -63,7 +75,7 @@ def builtin_methods() -> Mapping[str, Any]:
         spec.loader.exec_module(module)
     finally:
         sys.modules.pop(name, None)
-    return dict(module.REGISTRY)
+    return module
 
 
 def method_help() -> str:

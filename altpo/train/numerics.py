@@ -26,6 +26,8 @@ from typing import Callable, Sequence
 
 from torch import nn
 
+from altpo_kernels.methods import DEFAULT_METHOD
+
 from altpo.data.packing import MicroBatch, num_loss_tokens, pack_micro_batches, retain_units
 from altpo.errors import UserError
 from altpo.train.methods import method_units
@@ -74,7 +76,7 @@ def loader_groups(pairs: Sequence[int], retain: Sequence[int], per_device_batch_
 
 def grouped_micro_batches(data, pairs: Sequence[int], retain: Sequence[int], *, per_device_batch_size: int,
                           num_groups: int, tokens_per_microbatch: int, alpha: float,
-                          ref_alternates=None, ref_forget=None, method: str = "altpo",
+                          ref_alternates=None, ref_forget=None, method: str = DEFAULT_METHOD,
                           ) -> list[GroupedMicroBatch]:
     """This rank's micro-batches, each loader group packed on its own, with its normalisers.
 

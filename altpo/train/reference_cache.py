@@ -48,16 +48,6 @@ class ReferenceLogprobs:
     reused: bool = False
 
 
-def model_fingerprint(model) -> str:
-    """sha256 of a model's weights: every state-dict entry's name, dtype, shape and bytes."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())  # no extra copy
-    return h.hexdigest()
-
-
 def cache_key(model_hash: str, data_hash: str, dtype: torch.dtype) -> str:
     """The cache key: weights, scored tokens, and the dtype the log-probs were computed in."""
     return hashlib.sha256(f"{FORMAT}|{model_hash}|{data_hash}|{dtype}".encode()).hexdigest()

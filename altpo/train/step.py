@@ -24,7 +24,7 @@ from torch import nn
 from altpo_kernels import linear_logprobs, unlearning_loss
 # backbone and output_weight are re-exported: the trainer finds the head where every caller does
 from altpo_kernels.hf import backbone, lm_head, output_weight  # noqa: F401
-from altpo_kernels.methods import get_method
+from altpo_kernels.methods import DEFAULT_METHOD, get_method
 from altpo_kernels.unlearning_loss import UnlearningLossOutput
 
 from altpo.model.packed_attention import packed_attention_kwargs
@@ -59,7 +59,7 @@ class PackedLoss(nn.Module):
     step. The output speaks both vocabularies (``chosen_logps`` = ``win_logps``, ...).
     """
 
-    def __init__(self, model, method="altpo", *, hparams: dict | None = None, beta=None,
+    def __init__(self, model, method=DEFAULT_METHOD, *, hparams: dict | None = None, beta=None,
                  alpha=None, gamma=None, loss_backend: str = "auto"):
         super().__init__()
         self.model = model

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from .methods import REGISTRY
+from .methods import ALTPO, REGISTRY
 from .unlearning_loss import SegmentSumFunction, UnlearningLoss, UnlearningLossOutput, unlearning_loss
 
 __all__ = ["altpo_loss", "AltPOLoss", "AltPOLossOutput", "SegmentSumFunction"]
@@ -17,7 +17,7 @@ __all__ = ["altpo_loss", "AltPOLoss", "AltPOLossOutput", "SegmentSumFunction"]
 #: the one output class, under AltPO's name (its ``win_logps``/``lose_logps``/``delta`` aliases)
 AltPOLossOutput = UnlearningLossOutput
 
-_DEFAULTS = REGISTRY["altpo"].defaults
+_DEFAULTS = REGISTRY[ALTPO].defaults
 # errors speak the caller's names
 _ALTPO_NAMES = {"forget_seqs": "lose_seqs", "chosen_seqs": "win_seqs", "ref_forget_logps": "ref_lose_logps",
                 "ref_chosen_logps": "ref_win_logps", "num_forget": "num_pairs"}
@@ -68,7 +68,7 @@ def altpo_loss(
                          f"win_seqs), got {tuple(lose_seqs.shape)}")
     try:
         return unlearning_loss(
-            hidden, weight, labels, seq_ids, method="altpo", forget_seqs=lose_seqs,
+            hidden, weight, labels, seq_ids, method=ALTPO, forget_seqs=lose_seqs,
             chosen_seqs=win_seqs, retain_seqs=retain_seqs, ref_forget_logps=ref_lose_logps,
             ref_chosen_logps=ref_win_logps, beta=beta, alpha=alpha, gamma=gamma,
             num_forget=num_pairs, num_retain_tokens=num_retain_tokens, ignore_index=ignore_index,
@@ -82,7 +82,7 @@ class AltPOLoss(UnlearningLoss):
 
     def __init__(self, beta: float = _DEFAULTS["beta"], alpha: float = _DEFAULTS["alpha"],
                  gamma: float = _DEFAULTS["gamma"], ignore_index: int = -100, backend: str = "auto"):
-        super().__init__("altpo", beta=beta, alpha=alpha, gamma=gamma, ignore_index=ignore_index,
+        super().__init__(ALTPO, beta=beta, alpha=alpha, gamma=gamma, ignore_index=ignore_index,
                          backend=backend)
         self.beta, self.alpha, self.gamma = (self.hparams[k] for k in ("beta", "alpha", "gamma"))
 

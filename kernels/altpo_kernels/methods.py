@@ -55,6 +55,10 @@ WEIGHTS = ("alpha", "gamma")
 #: beta * margin stays finite for any margin a sequence of log-probs can have
 MAX_SCALE = 1e6
 CHOSEN_SOURCES = ("alternates", "idk", None)
+# AltPO's registry name: the default method everywhere, and the one ``altpo_loss`` wraps. Other
+# layers name it through these two, so a method's name is written in its registry entry.
+ALTPO = "altpo"
+DEFAULT_METHOD = ALTPO
 NORMALISERS = ("terms", "forget_tokens")
 
 
@@ -261,7 +265,7 @@ def _forget_logprob_reference(x: SequenceLogprobs, hp):
 _PREFERENCE = "-(2/beta) mean log sigmoid(beta D), D = [lp(chosen) - lp_ref(chosen)] - [lp(forget) - lp_ref(forget)]"
 
 register_method(Method(
-    "altpo", "AltPO",
+    ALTPO, "AltPO",
     dict(beta=0.5, alpha=2.0, gamma=1.0), _preference_term, uses_reference=True,
     chosen="alternates", reference=_preference_reference,
     doc="the model's own fact-changed alternates preferred over the forget answers: " + _PREFERENCE))

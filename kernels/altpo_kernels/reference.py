@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .methods import SequenceLogprobs, get_method
+from .methods import ALTPO, DEFAULT_METHOD, SequenceLogprobs, get_method
 
 
 def linear_logprobs_reference(hidden, weight, labels, ignore_index: int = -100):
@@ -28,7 +28,7 @@ def linear_logprobs_reference(hidden, weight, labels, ignore_index: int = -100):
     return torch.where(valid, picked, torch.zeros_like(picked))
 
 
-def unlearning_loss_reference(hidden, weight, labels, seq_ids, *, method="altpo", forget_seqs,
+def unlearning_loss_reference(hidden, weight, labels, seq_ids, *, method=DEFAULT_METHOD, forget_seqs,
                               chosen_seqs=None, retain_seqs=None, ref_forget_logps=None,
                               ref_chosen_logps=None, hparams: dict | None = None, num_forget=None,
                               num_forget_tokens=None, num_retain_tokens=None,
@@ -89,7 +89,7 @@ def altpo_loss_reference(hidden, weight, labels, seq_ids, win_seqs, lose_seqs, r
                          ignore_index: int = -100) -> dict:
     """The AltPO loss in float64, in AltPO's names (win = chosen, lose = forget)."""
     out = unlearning_loss_reference(
-        hidden, weight, labels, seq_ids, method="altpo", forget_seqs=lose_seqs,
+        hidden, weight, labels, seq_ids, method=ALTPO, forget_seqs=lose_seqs,
         chosen_seqs=win_seqs, retain_seqs=retain_seqs, ref_forget_logps=ref_lose_logps,
         ref_chosen_logps=ref_win_logps, hparams=dict(beta=beta, alpha=alpha, gamma=gamma),
         num_forget=num_pairs, num_retain_tokens=num_retain_tokens, ignore_index=ignore_index)

@@ -23,7 +23,7 @@ from torch import nn
 from ._validation import check_index_vector, check_linear_inputs, check_range, check_same_device
 from .backends import backend_module, resolve_backend
 from .linear_logprobs import LinearLogprobsFunction
-from .methods import Method, SequenceLogprobs, get_method, method_names
+from .methods import ALTPO, DEFAULT_METHOD, Method, SequenceLogprobs, get_method, method_names
 
 #: the registered methods' names (a user's own method is given as path/to/file.py:NAME)
 METHODS = method_names()
@@ -111,7 +111,7 @@ def _check_side(method: Method, side: str, seqs, ref, forget_seqs, num_seqs, hid
                              "answer: pass chosen_seqs (one chosen sequence per entry of forget_seqs)")
         if not method.pairs and seqs is not None:
             raise ValueError(f"method {method.name!r} has no chosen answers; drop chosen_seqs (or "
-                             "use a method with a chosen side, such as 'altpo')")
+                             f"use a method with a chosen side, such as {ALTPO!r})")
         if seqs is not None:
             _check_seq_vector("chosen_seqs", seqs, num_seqs, length=forget_seqs.shape[0])
     if wants_ref:
@@ -168,7 +168,7 @@ def _forget_inputs(seq_logp, seq_len, method: Method, forget_seqs, chosen_seqs, 
         ref_chosen=ref_chosen_logps.to(dtype) if method.uses_reference and method.pairs else None)
 
 
-def unlearning_loss(hidden, weight, labels, seq_ids, *, method="altpo", forget_seqs,
+def unlearning_loss(hidden, weight, labels, seq_ids, *, method=DEFAULT_METHOD, forget_seqs,
                     chosen_seqs=None, retain_seqs=None, ref_forget_logps=None,
                     ref_chosen_logps=None, beta: float | None = None, alpha: float | None = None,
                     gamma: float | None = None, delta: float | None = None,
@@ -254,7 +254,7 @@ def unlearning_loss(hidden, weight, labels, seq_ids, *, method="altpo", forget_s
 class UnlearningLoss(nn.Module):
     """``nn.Module`` form of :func:`unlearning_loss` with the method and its settings fixed."""
 
-    def __init__(self, method="altpo", *, beta=None, alpha=None, gamma=None, delta=None,
+    def __init__(self, method=DEFAULT_METHOD, *, beta=None, alpha=None, gamma=None, delta=None,
                  settings: dict | None = None, ignore_index: int = -100, backend: str = "auto"):
         super().__init__()
         self.spec = get_method(method)

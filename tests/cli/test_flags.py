@@ -148,7 +148,8 @@ def test_threads_flag_sets_torchs_threads(monkeypatch):
         apply_threads(0)
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["plan", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["plan", "--help"], ["eval", "--help"],
+                                  ["generate-alternates", "--help"], ["demo", "--help"]])
 def test_help_loads_neither_torch_nor_transformers(argv):
     import subprocess
     import sys
