@@ -168,8 +168,14 @@ def test_a_signal_during_the_reference_computation_stops_cleanly(base_model, tmp
 
     monkeypatch.setattr(rc, "sequence_logprobs", signalled)
     out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        train(_config(base_model, out, max_steps=2))
+    # Ctrl-C as a terminal delivers it: a test runner started in the background inherits SIGINT
+    # ignored, and then the signal this test sends would do nothing
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(_config(base_model, out, max_steps=2))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.undo()
     assert not out.exists() or not [p for p in out.iterdir() if p.name != ".altpo-train.lock"]
     assert train(_config(base_model, out, max_steps=2)).completed  # the same command again
