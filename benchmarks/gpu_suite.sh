@@ -14,7 +14,7 @@
 #
 # Parts in priority order (the first five answer within about 5 minutes), with their time limits
 # on a GPU:
-#   gpu-tests    150 s  pytest on the kernel test files on CUDA: every kernel and backend against
+#   gpu-tests    210 s  pytest on the kernel test files on CUDA: every kernel and backend against
 #                       the float64 reference (the first call compiles every Triton kernel)
 #   probe         30 s  python -m benchmarks.first_checks probe: addmm(out_dtype=fp32), beta=1
 #   determinism   60 s  python -m benchmarks.first_checks determinism: two runs bit-identical
@@ -105,11 +105,12 @@ else
     for f in tests/kernels/test_chunked_backward.py tests/kernels/test_gemm_safety.py \
              tests/kernels/test_linear_logprobs.py tests/kernels/test_altpo_loss.py \
              tests/kernels/triton/test_triton_logprobs.py tests/kernels/triton/test_triton_segment_ops.py \
-             tests/kernels/test_kernel_input_errors.py tests/kernels/test_head_transforms.py; do
+             tests/kernels/test_kernel_input_errors.py tests/kernels/test_head_transforms.py \
+             tests/kernels/triton/test_triton_head_transforms.py tests/kernels/csrc/test_csrc_transforms.py; do
         [ -f "$f" ] && tests+=("$f")
     done
     q=()
-    declare -A limit=([gpu-tests]=150 [probe]=30 [determinism]=60 [kernels]=180 [calibrate]=30
+    declare -A limit=([gpu-tests]=210 [probe]=30 [determinism]=60 [kernels]=180 [calibrate]=30
                       [bands]=60 [step]=90 [cuda]=60 [packed]=30 [compile]=150)
     kernel_args=(--tokens 4096 16384)
     packed_args=(--budget-s 1)
