@@ -93,7 +93,7 @@ def run(config: TrainConfig, dist: Distributed, on_step=None) -> TrainResult:
     # 2. tokenizer, data, and the rows of every step
     run_data = load_run_data(config, dist, say)
     data, sampler, tokenizer = run_data.data, run_data.sampler, run_data.tokenizer
-    schedule = Schedule.from_config(config, sampler.steps_per_epoch)
+    schedule = Schedule.for_run(config, sampler.steps_per_epoch)
 
     # 3. the model; its memory settings (the planner's, on a GPU, where asked for); the strategy
     #    (one process, ddp or fsdp; LoRA; optimizer offload) and the step runner, chosen once

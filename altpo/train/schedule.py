@@ -15,7 +15,7 @@ class Schedule:
     warmup_steps: int
 
     @classmethod
-    def from_config(cls, config, steps_per_epoch: int) -> "Schedule":
+    def for_run(cls, config, steps_per_epoch: int) -> "Schedule":
         """``--max-steps`` or ``--epochs`` of ``steps_per_epoch``; ``--warmup-epochs`` of warm-up."""
         total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
         return cls(config.lr, steps_per_epoch, total, int(round(config.warmup_epochs * steps_per_epoch)))

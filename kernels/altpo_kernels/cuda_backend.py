@@ -107,10 +107,14 @@ def load_library(kind: str = "cuda") -> ctypes.CDLL:
         lib = ctypes.CDLL(str(path))
     except OSError as err:
         raise CsrcLibraryError(f"cannot load {path}: {err}; rebuild it with `{BUILD_COMMAND}`") from err
-    _declare(lib)
+    lib.altpo_abi_version.restype = ctypes.c_int
+    lib.altpo_abi_version.argtypes = []
+    # the version first: a library built from older sources lacks newer entry points, and
+    # declaring those would fail with a bare AttributeError instead of saying "rebuild"
     if lib.altpo_abi_version() != ABI_VERSION:
         raise CsrcLibraryError(f"{path} has C ABI version {lib.altpo_abi_version()}, this package expects "
                                f"{ABI_VERSION}; rebuild it with `{BUILD_COMMAND}`")
+    _declare(lib)
     if bool(lib.altpo_is_cuda()) != (kind == "cuda"):
         raise CsrcLibraryError(f"{path} is not the {kind} build of the epilogue library")
     _LOADED[kind] = lib

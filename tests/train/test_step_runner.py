@@ -31,13 +31,13 @@ def test_runners_that_cannot_run_are_refused_with_the_fix():
 
 def test_schedule_warms_up_then_decays_linearly_to_zero():
     config = SimpleNamespace(lr=2.0, max_steps=0, epochs=2.0, warmup_epochs=0.5)
-    schedule = Schedule.from_config(config, steps_per_epoch=10)
+    schedule = Schedule.for_run(config, steps_per_epoch=10)
     assert (schedule.total_steps, schedule.warmup_steps) == (20, 5)
     # warm-up: 0, 0.4, ..., then from 2.0 at step 5 down by 2.0 / 15 per step
     assert [schedule.lr_at(s) for s in (0, 1, 5)] == pytest.approx([0.0, 0.4, 2.0])
     assert schedule.lr_at(11) == pytest.approx(2.0 * 9 / 15)
     assert schedule.lr_at(20) == 0.0
-    capped = Schedule.from_config(SimpleNamespace(lr=1.0, max_steps=3, epochs=9.0, warmup_epochs=0.0), 10)
+    capped = Schedule.for_run(SimpleNamespace(lr=1.0, max_steps=3, epochs=9.0, warmup_epochs=0.0), 10)
     assert capped.total_steps == 3 and capped.lr_at(0) == 1.0
 
 
