@@ -64,6 +64,9 @@ class MicroBatch:
     ref_forget_logps: torch.Tensor  # [P] fp32
     units: list = field(default_factory=list)            # the PackUnits, in row order
     unit_offsets: list[int] = field(default_factory=list)  # first sequence index of each unit
+    # [T] bool or None: False hides that token as a key from every query of its sequence
+    # (``--numerics open-unlearning`` with pad = eos: see :func:`with_key_mask`)
+    key_mask: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -77,6 +80,16 @@ class MicroBatch:
         moved = {f.name: getattr(self, f.name).to(device, non_blocking=True)
                  for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
         return replace(self, **moved)
+
+
+def with_key_mask(mb: MicroBatch, masked_id: int | None) -> MicroBatch:
+    """``mb`` with every token equal to ``masked_id`` hidden as an attention key (None: unchanged).
+
+    This is what a padded batch with ``attention_mask = input_ids != pad_id`` does when pad = eos:
+    the in-sequence eos tokens stay as queries and inputs but no token attends to them."""
+    if masked_id is None:
+        return mb
+    return replace(mb, key_mask=mb.input_ids != int(masked_id))
 
 
 def shifted_labels(labels: Sequence[int]) -> list[int]:

@@ -375,6 +375,9 @@ class AltPOData:
     # pairs whose alternate text differs from the forget answer but whose tokens (after the cut to
     # max_length) are the same: their forget term is 0 with zero gradient
     same_tokens: int = 0
+    # a token id hidden as an attention key inside every sequence, or None (the default):
+    # ``--numerics open-unlearning`` with pad = eos sets the eos id (see open_unlearning_masked_id)
+    masked_key_id: int | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -388,6 +391,8 @@ class AltPOData:
             for s in seqs:
                 h.update(json.dumps([s.input_ids, s.labels], separators=(",", ":")).encode())
         h.update(json.dumps(self.pair_question).encode())
+        if self.masked_key_id is not None:  # the reference's attention hides this token
+            h.update(f"masked-key:{self.masked_key_id}".encode())
         return h.hexdigest()
 
 

@@ -147,6 +147,10 @@ def packed_attention_kwargs(seq_lens: Sequence[int], device: torch.device | str)
       with them, again without a device sync).
     - ``use_cache=False``: a key/value cache is useless in training and, in stock transformers,
       also disables its own packed-sequence detection.
+
+    Add ``packed_key_mask`` ([T] bool, False = a key no query may attend to; see
+    :func:`altpo.data.packing.with_key_mask`) to hide single tokens inside their sequences; only
+    the ``sdpa`` backend honours it, the others refuse it.
     """
     lens = _check_seq_lens(seq_lens)
     cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
@@ -185,26 +189,39 @@ def _sdpa_grouped_kv(query, key, value):
     return _repeat_kv(key, n_rep), _repeat_kv(value, n_rep), {}
 
 
-def _segment_sdpa(query, key, value, seq_lens, scaling, dropout):
+def _segment_sdpa(query, key, value, seq_lens, scaling, dropout, key_mask=None):
     key, value, extra = _sdpa_grouped_kv(query, key, value)
     outs = []
     start = 0
     for n in seq_lens:
         stop = start + n
-        outs.append(
-            F.scaled_dot_product_attention(
-                query[:, :, start:stop],
-                key[:, :, start:stop],
-                value[:, :, start:stop],
-                dropout_p=dropout,
-                is_causal=True,
-                scale=scaling,
-                **extra,
+        q, k, v = query[:, :, start:stop], key[:, :, start:stop], value[:, :, start:stop]
+        if key_mask is None:
+            out = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, **extra
             )
-        )
+        else:
+            out = _masked_keys_sdpa(q, k, v, key_mask[start:stop], scaling, dropout, extra)
+        outs.append(out)
         start = stop
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.transpose(1, 2).contiguous()
+
+
+def _masked_keys_sdpa(q, k, v, visible, scaling, dropout, extra):
+    """Causal SDPA over one segment whose keys at ``visible == False`` are hidden from every query.
+
+    A query that sees no key at all (the segment starts with hidden tokens) gets a zero output,
+    whatever the SDPA kernel would make of an all-masked row (NaN on some torch versions)."""
+    n = q.shape[2]
+    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril_()
+    allowed = causal & visible.to(device=q.device, dtype=torch.bool)[None, :]
+    seen = allowed.any(dim=1)
+    # an all-masked row is given its own key so the softmax stays finite; its output is zeroed
+    allowed = allowed | (~seen)[:, None] & torch.eye(n, dtype=torch.bool, device=q.device)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout,
+                                         scale=scaling, **extra)
+    return out * seen.to(out.dtype)[:, None]
 
 
 def _flash_varlen(query, key, value, cu, max_len, scaling, dropout):
@@ -281,6 +298,7 @@ def _packed_attention_forward(
         scaling = head_dim**-0.5
     cu = kwargs.get("cu_seq_lens_q")
     seq_lens = kwargs.get("packed_seq_lens")
+    key_mask = kwargs.get("packed_key_mask")
 
     if cu is None and seq_lens is None:
         if attention_mask is not None:
@@ -315,6 +333,13 @@ def _packed_attention_forward(
         )
 
     backend = _backend
+    if key_mask is not None:
+        if key_mask.shape != (total,):
+            raise ValueError(f"packed_key_mask must be [{total}] (one flag per token of the row), "
+                             f"got shape {tuple(key_mask.shape)}")
+        if backend != "sdpa":
+            raise ValueError(f"attention backend {backend!r} cannot hide single keys (packed_key_mask); "
+                             "use backend 'sdpa'")
     if backend != "sdpa" and (query.dtype not in (torch.float16, torch.bfloat16) or query.device.type != "cuda"):
         if (backend, query.dtype) not in _warned_fp32:
             _warned_fp32.add((backend, query.dtype))
@@ -326,7 +351,7 @@ def _packed_attention_forward(
         backend = "sdpa"
 
     if backend == "sdpa":
-        return _segment_sdpa(query, key, value, seq_lens, scaling, dropout), None
+        return _segment_sdpa(query, key, value, seq_lens, scaling, dropout, key_mask), None
     if cu is None:
         cu = packed_attention_kwargs(seq_lens, query.device)["cu_seq_lens_q"]
     cu = cu.to(device=query.device, dtype=torch.int32)

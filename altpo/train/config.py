@@ -339,7 +339,9 @@ class ParitySettings(_Section):
                        "tokens of the step. open-unlearning: its HF-Trainer numerics, the retain NLL "
                        "averaged per loader micro-batch of --per-device-batch-size rows, divided by "
                        "the accumulation steps, pairs and retain rows grouped as its data loader "
-                       "groups them (packing, the cached reference and exact updates stay on).",
+                       "groups them (packing, the cached reference and exact updates stay on); "
+                       "with pad = eos, every in-sequence eos hidden from attention as its collator "
+                       "hides it (needs --attention sdpa or auto).",
                        group="step", choices=("altpo-fast", "open-unlearning"), trajectory=True)
     per_device_batch_size: int = _s(8, "With --numerics open-unlearning: the rows of one of its "
                                     "loader micro-batches (its per_device_train_batch_size); "

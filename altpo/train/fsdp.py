@@ -32,7 +32,7 @@ from torch import nn
 
 from altpo_kernels import linear_logprobs
 
-from altpo.data.packing import pack_micro_batches, sequence_units
+from altpo.data.packing import pack_micro_batches, sequence_units, with_key_mask
 from altpo.errors import UserError
 from altpo.train.reference_cache import ReferenceLogprobs, reusable_reference, save_reference_logprobs
 from altpo.train.sequence_sums import sequence_sums
@@ -188,12 +188,13 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sharded_sequence_logprobs(root: ShardRoot, sequences, *, tokens_per_microbatch: int, rank: int,
-                              world: int, device) -> torch.Tensor:
+                              world: int, device, masked_key_id: int | None = None) -> torch.Tensor:
     """Summed answer log-probs of every sequence, each process scoring every ``world``-th one;
     the same [S] fp32 CPU tensor on every process."""
     mine = list(range(rank, len(sequences), world))
     units = sequence_units([sequences[i] for i in mine])
-    batches = pack_micro_batches(units, tokens_per_microbatch) if units else []
+    batches = [with_key_mask(b, masked_key_id)
+               for b in (pack_micro_batches(units, tokens_per_microbatch) if units else [])]
     count = torch.tensor([len(batches)], device=device)
     _dist().all_reduce(count, op=_dist().ReduceOp.MAX)
     filler = pack_micro_batches(sequence_units(sequences[:1]), tokens_per_microbatch)[0]
@@ -228,7 +229,8 @@ def sharded_reference_logprobs(root: ShardRoot, data, key, path: Path, budget, c
            [(s.input_ids, s.labels) for s in data.alternates]
     with sigterm_interrupts("while the reference log-probs were computed"):
         logps = sharded_sequence_logprobs(root, seqs, tokens_per_microbatch=budget, rank=dist.rank,
-                                          world=dist.world, device=dist.device)
+                                          world=dist.world, device=dist.device,
+                                          masked_key_id=data.masked_key_id)
         q = len(data.forget)
         ref = ReferenceLogprobs(logps[:q].clone(), logps[q:].clone(), key, path)
         if dist.rank == 0:

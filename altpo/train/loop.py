@@ -113,7 +113,7 @@ def run(config: TrainConfig, dist: Distributed, on_step=None) -> TrainResult:
     #    packed attention and activation checkpointing
     with explain_oom(config, memory):
         scale.place(model, dist)
-    prepare_model(model, config, memory, dtype, dist, say)
+    prepare_model(model, config, memory, dtype, dist, say, masked_key_id=data.masked_key_id)
 
     # 5. reference log-probs, with the starting weights (before any update or checkpoint load)
     with explain_oom(config, memory):

@@ -6,13 +6,20 @@ from __future__ import annotations
 from altpo.errors import UserError
 from altpo.model.activation_checkpointing import enable_activation_checkpointing
 from altpo.model.packed_attention import enable_packed_attention
+from altpo.train.numerics import attention_for_masked_keys
 from altpo.train.report import gib
 
 
-def prepare_model(model, config, memory, dtype, dist, say) -> None:
-    """Packed attention (``--attention``) and the memory settings' activation checkpointing."""
+def prepare_model(model, config, memory, dtype, dist, say, masked_key_id: int | None = None) -> None:
+    """Packed attention (``--attention``) and the memory settings' activation checkpointing.
+
+    ``masked_key_id`` (the data's, set by ``--numerics open-unlearning`` with pad = eos) needs the
+    one backend that hides single keys: sdpa (chosen by auto, refused when another is named)."""
+    attention = config.attention
+    if masked_key_id is not None:
+        attention = attention_for_masked_keys(attention)
     try:
-        attention = enable_packed_attention(model, config.attention)
+        attention = enable_packed_attention(model, attention)
     except ValueError as err:
         raise UserError(f"--attention {config.attention}: {err}") from None
     if memory.checkpointing != "none":

@@ -28,7 +28,7 @@ from torch import nn
 
 from altpo_kernels.methods import DEFAULT_METHOD
 
-from altpo.data.packing import MicroBatch, num_loss_tokens, pack_micro_batches, retain_units
+from altpo.data.packing import MicroBatch, num_loss_tokens, pack_micro_batches, retain_units, with_key_mask
 from altpo.errors import UserError
 from altpo.train.methods import method_units
 from altpo.train.step import StepStats, forward_backward_each
@@ -46,6 +46,28 @@ def check_grouping(batch_size: int, per_device_batch_size: int, world: int) -> N
             f"--per-device-batch-size {per_device_batch_size} x {world} process(es), as open-unlearning's "
             f"effective batch (per-device batch x accumulation steps x processes) is; e.g. --batch-size "
             f"{per_device_batch_size * world * max(1, round(batch_size / (per_device_batch_size * world)))}")
+
+
+def open_unlearning_masked_id(tokenizer) -> int | None:
+    """The token open-unlearning's training collator hides from attention inside sequences.
+
+    Its collator pads with the tokenizer's pad token and sets ``attention_mask = input_ids !=
+    pad_token_id``; for a tokenizer without a pad token (Llama-3) it sets pad = eos, so every
+    in-sequence eos (``<|eot_id|>`` closing each turn and the answer) is masked as a key. With a
+    pad token of its own (not the eos) no in-sequence token is masked: None."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    if eos is None or (pad is not None and pad != eos):
+        return None
+    return int(eos)
+
+
+def attention_for_masked_keys(attention: str) -> str:
+    """The packed-attention backend when keys are hidden: only the segment SDPA path can."""
+    if attention in ("auto", "sdpa"):
+        return "sdpa"
+    raise UserError(f"--attention {attention} cannot hide single keys, which --numerics open-unlearning "
+                    "needs with pad = eos (open-unlearning masks every in-sequence eos token in "
+                    "attention); use --attention sdpa or auto")
 
 
 def check_memory(optimizer_in_backward: bool) -> None:
@@ -91,6 +113,7 @@ def grouped_micro_batches(data, pairs: Sequence[int], retain: Sequence[int], *, 
             units += retain_units(data, group_retain)
             retain_tokens = sum(num_loss_tokens(data.retain[r].labels) for r in group_retain)
         for mb in pack_micro_batches(units, tokens_per_microbatch):
+            mb = with_key_mask(mb, getattr(data, "masked_key_id", None))
             out.append(GroupedMicroBatch(mb, float(num_groups * len(group_pairs)),
                                          float(num_groups * max(retain_tokens, 1))))
     return out

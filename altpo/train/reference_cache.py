@@ -132,7 +132,8 @@ def compute_reference_logprobs(model, data, key: str, *, tokens_per_microbatch: 
         seqs = [(s.input_ids, s.labels) for s in data.forget] + \
                [(s.input_ids, s.labels) for s in data.alternates]
         logps = sequence_logprobs(model, seqs, tokens_per_microbatch=tokens_per_microbatch,
-                                  loss_backend=loss_backend, progress=progress)
+                                  loss_backend=loss_backend, progress=progress,
+                                  masked_key_id=getattr(data, "masked_key_id", None))
     finally:
         model.train(was_training)
     q = len(data.forget)

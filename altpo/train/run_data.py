@@ -11,7 +11,7 @@ from altpo.data.tofu import AltPOData, ChatFormat, build_altpo_data, load_tofu_s
 from altpo.errors import UserError
 from altpo.model.loading import load_tokenizer
 from altpo.train.methods import method_alternates
-from altpo.train.numerics import check_grouping
+from altpo.train.numerics import check_grouping, open_unlearning_masked_id
 
 
 @dataclass
@@ -47,6 +47,8 @@ def load_run_data(config, dist, say) -> RunData:
     open_unlearning = config.numerics == "open-unlearning"
     if open_unlearning:
         check_grouping(config.batch_size, config.per_device_batch_size, dist.world)
+        # its collator's attention mask: with pad = eos, every in-sequence eos is hidden as a key
+        data.masked_key_id = open_unlearning_masked_id(tokenizer)
     # open-unlearning numerics: pairs stay in the loader's order, grouped as its loader groups them
     sampler = StepSampler(data.num_pairs, len(data.retain), config.batch_size, config.seed,
                           None if open_unlearning else data.pair_question)

@@ -35,6 +35,7 @@ from altpo.data.packing import (
     num_loss_tokens,
     pack_micro_batches,
     sequence_units,
+    with_key_mask,
 )
 
 
@@ -43,6 +44,8 @@ def last_hidden_states(model, mb: MicroBatch) -> torch.Tensor:
     ready for :func:`output_weight`: times the model's logit scale, if its config has one."""
     head = lm_head(model)
     kwargs = packed_attention_kwargs(mb.seq_lens, mb.input_ids.device)
+    if mb.key_mask is not None:
+        kwargs["packed_key_mask"] = mb.key_mask
     out = head.backbone(input_ids=mb.input_ids[None], position_ids=mb.position_ids[None], **kwargs)
     return head.scale_hidden(out.last_hidden_state[0])
 
@@ -193,19 +196,21 @@ def forward_backward_each(loss_module: nn.Module,
 @torch.no_grad()
 def sequence_logprobs(model, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                       tokens_per_microbatch: int, loss_backend: str = "auto", device=None,
-                      progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                      progress: Callable[[int], None] | None = None,
+                      masked_key_id: int | None = None) -> torch.Tensor:
     """Summed answer-token log-probs of each ``(input_ids, labels)`` sequence, fp32 [S] on the CPU.
 
     Sequences are packed (packed attention must be enabled on ``model``); log-probs come from
     ``linear_logprobs`` on the last hidden states, so no [tokens, vocab] logits are made.
     ``progress(n)`` is called with the number of sequences done after each micro-batch.
+    ``masked_key_id``: a token id hidden as an attention key (:func:`~altpo.data.packing.with_key_mask`).
     """
     if device is None:
         device = output_weight(model).device
     out = torch.zeros(len(sequences), dtype=torch.float32)
     weight = output_weight(model)
     for mb in pack_micro_batches(sequence_units(sequences), tokens_per_microbatch):
-        mb = mb.to(device)
+        mb = with_key_mask(mb, masked_key_id).to(device)
         hidden = last_hidden_states(model, mb)
         token_logp = linear_logprobs(hidden, weight, mb.labels, backend=loss_backend)
         per_seq = sequence_sums(token_logp, mb.seq_ids, len(mb.seq_lens))  # float64 accumulation

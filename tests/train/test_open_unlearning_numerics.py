@@ -3,6 +3,8 @@ open-unlearning's per-micro-batch AltPO loss (padded HF forwards, summed answer 
 pair loss with the 2/beta scale, the HF token-mean retain loss per micro-batch, each micro-batch
 divided by the number of micro-batches), loss and gradient; and the default differs from it."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +16,8 @@ from altpo.errors import UserError
 from altpo.model.packed_attention import enable_packed_attention
 from altpo.train import train
 from altpo.train.config import TrainConfig
-from altpo.train.numerics import check_grouping, grouped_forward_backward, grouped_micro_batches, loader_groups
+from altpo.train.numerics import (attention_for_masked_keys, check_grouping, grouped_forward_backward,
+                                  grouped_micro_batches, loader_groups, open_unlearning_masked_id)
 from altpo.train.step import PackedAltPOLoss, forward_backward, step_normalisers
 from altpo.data.packing import forget_units, pack_micro_batches, retain_units
 from train_fixtures import ALTERNATES, FORGET_ROWS, RETAIN_ROWS, base_settings, build_model_folder
@@ -140,3 +143,53 @@ def test_training_with_open_unlearning_numerics(tmp_path):
                         numerics="open-unlearning", per_device_batch_size=2)
     with pytest.raises(UserError, match="--per-device-batch-size 2"):
         TrainConfig(**bad).validate()
+
+
+def test_pad_eos_hides_every_eos_key_in_the_groups_and_changes_the_reference_key(setup):
+    _, tok, data, rows, ref_alt, ref_fgt = setup
+    eos = tok.eos_token_id
+    kw = dict(per_device_batch_size=PER_DEVICE, num_groups=BATCH // PER_DEVICE, tokens_per_microbatch=400,
+              alpha=ALPHA, ref_alternates=ref_alt, ref_forget=ref_fgt)
+    plain = grouped_micro_batches(data, rows.pairs, rows.retain, **kw)
+    assert all(i.micro_batch.key_mask is None for i in plain)  # the default: nothing hidden
+    masked = copy.copy(data)
+    masked.masked_key_id = eos
+    items = grouped_micro_batches(masked, rows.pairs, rows.retain, **kw)
+    for item in items:
+        mb = item.micro_batch
+        assert torch.equal(mb.key_mask, mb.input_ids != eos)
+        # each chat-formatted sequence has an in-sequence eot (user turn) and the answer's own
+        assert int((~mb.key_mask).sum()) >= 2 * len(mb.seq_lens)
+    # cached reference log-probs computed with the mask are not reused without it, nor the reverse
+    assert masked.reference_fingerprint() != data.reference_fingerprint()
+
+
+def test_training_with_pad_eos_hides_eos_keys(tmp_path):
+    model_dir = build_model_folder(TOFU_FIXTURE, tmp_path / "model")
+    settings = base_settings(TOFU_FIXTURE, model_dir, tmp_path / "own-pad", max_steps=1, batch_size=4,
+                             numerics="open-unlearning", per_device_batch_size=2)
+    own_pad = train(TrainConfig(**settings))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.pad_token = tok.eos_token  # open-unlearning's Llama-3 set-up
+    tok.save_pretrained(model_dir)
+    pad_eos = train(TrainConfig(**{**settings, "output": str(tmp_path / "pad-eos")}))
+    assert own_pad.completed and pad_eos.completed
+    # same weights and rows; only the hidden eot keys change the step's loss
+    assert abs(pad_eos.history[-1]["loss"] - own_pad.history[-1]["loss"]) > 1e-4
+
+
+def test_only_sdpa_hides_keys():
+    assert attention_for_masked_keys("auto") == "sdpa"
+    assert attention_for_masked_keys("sdpa") == "sdpa"
+    for name in ("flash", "torch-varlen"):
+        with pytest.raises(UserError, match=f"--attention {name}.*--attention sdpa or auto"):
+            attention_for_masked_keys(name)
+
+
+def test_masked_id_is_eos_only_when_pad_is_unset_or_eos(setup):
+    tok = copy.deepcopy(setup[1])
+    assert open_unlearning_masked_id(tok) is None  # its own pad token: nothing in-sequence masked
+    tok.pad_token = tok.eos_token
+    assert open_unlearning_masked_id(tok) == tok.eos_token_id
+    tok.pad_token = None
+    assert open_unlearning_masked_id(tok) == tok.eos_token_id
